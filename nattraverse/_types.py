@@ -1,0 +1,55 @@
+"""
+Small frozen value types shared by every layer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
+
+
+class Endpoint(NamedTuple):
+    """
+    A transport address: an IP address in text form and a port.
+
+    It is a tuple, so it can be handed to socket and Twisted UDP APIs as it
+    is.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Endpoint:
+        """
+        Parse ``"192.0.2.1:3478"``, ``"[2001:db8::1]:3478"`` or, when
+        *default_port* is given, a bare address.
+
+        :raises ValueError: naming the text when it is not an address.
+        """
+        host, sep, port_text = text.rpartition(":")
+        if text.startswith("[") and "]" in text:
+            host, _, rest = text[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        elif not sep or ":" in host:
+            host, port_text = text, ""
+        if not port_text:
+            if default_port is None:
+                raise ValueError(f"{text!r} has no port; write it as HOST:PORT")
+            port = default_port
+        else:
+            if not port_text.isdigit():
+                raise ValueError(f"{text!r} has a port that is not a number")
+            port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{text!r} has a port outside 0-65535")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address") from None
+        return cls(str(address), port)

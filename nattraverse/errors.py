@@ -1,0 +1,171 @@
+"""
+Exceptions raised by nattraverse.
+
+Every exception derives from :class:`NatTraverseError`.  Subclasses are split
+by meaning (decoding, integrity, timeouts) and, for STUN error responses, by
+wire code (RFC 8489 section 14.8), so that callers can catch exactly what they
+can handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class NatTraverseError(Exception):
+    """
+    Base class of every exception raised by nattraverse.
+    """
+
+
+class StunError(NatTraverseError):
+    """
+    Something went wrong with a STUN message or transaction.
+    """
+
+
+class StunDecodeError(StunError):
+    """
+    Bytes could not be decoded as a STUN message.
+
+    :ivar where: A short description of the place in the message that is
+        wrong, such as ``"header"`` or ``"attribute XOR-MAPPED-ADDRESS at
+        offset 20"``.
+    :ivar transaction_id: The transaction id, when the header was readable
+        (so that a server can still answer with 400 Bad Request), else
+        ``None``.
+    :ivar method: The STUN method when the header was readable, else ``None``.
+    :ivar message_class: The STUN class (0 request, 1 indication, 2 success,
+        3 error) when the header was readable, else ``None``.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        reason: str,
+        *,
+        transaction_id: bytes | None = None,
+        method: int | None = None,
+        message_class: int | None = None,
+    ) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+        self.transaction_id = transaction_id
+        self.method = method
+        self.message_class = message_class
+
+
+class FingerprintMismatch(StunDecodeError):
+    """
+    The FINGERPRINT attribute does not match the message (RFC 8489 section
+    14.7), or is not the last attribute.  The datagram is not STUN, or it was
+    damaged on the way.
+    """
+
+
+class StunIntegrityError(StunError):
+    """
+    A MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256 check failed, or the
+    message carries no integrity attribute where one was required.  Drop the
+    message: it was not sent by someone who knows the key.
+    """
+
+
+class StunTimeout(StunError):
+    """
+    A STUN transaction received no response before its retransmissions ran
+    out (RFC 8489 section 6.2.1).  The server may be unreachable, or UDP may
+    be blocked.
+
+    :ivar transaction_id: The id of the transaction that timed out.
+    :ivar server: The address the requests were sent to.
+    """
+
+    def __init__(self, transaction_id: bytes, server: object, elapsed: float) -> None:
+        super().__init__(
+            f"no STUN response from {server} for transaction {transaction_id.hex()} "
+            f"after {elapsed:.1f}s; check that the server is reachable and UDP is not blocked"
+        )
+        self.transaction_id = transaction_id
+        self.server = server
+        self.elapsed = elapsed
+
+
+class StunTransactionCancelled(StunError):
+    """
+    The STUN client was stopped while the transaction was still running.
+    """
+
+
+class StunErrorResponse(StunError):
+    """
+    The server answered with a STUN error response (RFC 8489 section 14.8).
+
+    Subclasses exist for the codes RFC 8489 defines; :func:`error_for_code`
+    picks the right one.
+
+    :ivar code: The error code, 300 to 699.
+    :ivar reason: The server's reason phrase.
+    :ivar response: The decoded error response, when there is one.
+    """
+
+    code: ClassVar[int] = 0
+
+    def __init__(self, code: int, reason: str, response: object | None = None) -> None:
+        super().__init__(f"STUN error {code}: {reason}")
+        self.code = code  # type: ignore[misc]
+        self.reason = reason
+        self.response = response
+
+
+class TryAlternate(StunErrorResponse):
+    """300 Try Alternate: use the server named in ALTERNATE-SERVER."""
+
+    code = 300
+
+
+class BadRequest(StunErrorResponse):
+    """400 Bad Request: the server found the request malformed."""
+
+    code = 400
+
+
+class Unauthenticated(StunErrorResponse):
+    """401 Unauthenticated: credentials are missing or wrong."""
+
+    code = 401
+
+
+class UnknownAttribute(StunErrorResponse):
+    """420 Unknown Attribute: the server does not understand a
+    comprehension-required attribute of the request (listed in
+    UNKNOWN-ATTRIBUTES)."""
+
+    code = 420
+
+
+class StaleNonce(StunErrorResponse):
+    """438 Stale Nonce: retry with the NONCE from the response."""
+
+    code = 438
+
+
+class ServerError(StunErrorResponse):
+    """500 Server Error: a temporary failure on the server; try again later."""
+
+    code = 500
+
+
+_BY_CODE: Mapping[int, type[StunErrorResponse]] = {
+    cls.code: cls
+    for cls in (TryAlternate, BadRequest, Unauthenticated, UnknownAttribute, StaleNonce, ServerError)
+}
+
+
+def error_for_code(code: int, reason: str, response: object | None = None) -> StunErrorResponse:
+    """
+    Build the exception matching a STUN error code.
+    """
+    return _BY_CODE.get(code, StunErrorResponse)(code, reason, response)
