@@ -1,0 +1,283 @@
+"""
+The STUN server: Twisted adapters around
+:class:`~nattraverse.stun.responder.BindingResponder`.
+
+- UDP: one socket, or four (two addresses by two ports) for RFC 5780.  Each
+  datagram is answered from the socket the responder chooses, to the
+  request's source (or RESPONSE-PORT).  Nothing is kept per source.
+- TCP: STUN framed over a stream (RFC 8489 section 6.2.2), with an idle
+  timeout, a cap on message size and a cap on concurrent connections.
+
+Nothing a peer sends raises into the reactor: malformed input is counted
+in :class:`~nattraverse.stun.responder.ServerStats` and dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorFDSet,
+    IReactorTCP,
+    IReactorUDP,
+)
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from nattraverse._types import Endpoint
+from nattraverse.stun.constants import HEADER_LENGTH
+from nattraverse.stun.fastpath import FastStunPort
+from nattraverse.stun.message import frame_length
+from nattraverse.stun.responder import (
+    PRIMARY,
+    BindingResponder,
+    Reply,
+    ServerAddresses,
+    ServerStats,
+    SocketKey,
+    minimal_binding_response,
+)
+
+_log = Logger()
+
+#: Largest STUN message accepted over TCP.  Binding requests are small;
+#: this bounds the memory a connection can hold.
+MAX_TCP_MESSAGE = 8192
+
+
+class StunDatagramProtocol(DatagramProtocol):
+    """
+    Answers the datagrams of one of the server's UDP sockets.
+    """
+
+    def __init__(self, server: StunServer, key: SocketKey) -> None:
+        self.server = server
+        self.key = key
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        server = self.server
+        try:
+            reply = server.responder.respond(datagram, Endpoint(addr[0], addr[1]), self.key)
+            if reply is not None:
+                server.send(reply)
+        except Exception:
+            server.stats_internal_errors += 1
+            _log.failure("STUN server failed to answer {source}", source=addr)
+
+
+class StunStreamProtocol(Protocol, TimeoutMixin):
+    """
+    Answers STUN requests framed over one TCP connection.
+
+    The idle timer restarts only when a whole message has arrived, so a peer
+    that trickles bytes or leaves a message half sent is disconnected after
+    the timeout.
+    """
+
+    def __init__(self, server: StunServer) -> None:
+        self.server = server
+        self.callLater = server.reactor.callLater  # TimeoutMixin's clock
+        self._buffer = bytearray()
+        self._source = Endpoint("0.0.0.0", 0)
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._source = Endpoint(peer.host, peer.port)
+        self.setTimeout(self.server.tcp_idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 4:
+            if buffer[0] >= 0x40:
+                self.server.stats.dropped_not_stun += 1
+                self._drop("not STUN")
+                return
+            size = frame_length(buffer)
+            if size > MAX_TCP_MESSAGE or size < HEADER_LENGTH:
+                self.server.stats.dropped_malformed += 1
+                self._drop(f"message of {size} bytes")
+                return
+            if len(buffer) < size:
+                return
+            message = bytes(buffer[:size])
+            del buffer[:size]
+            self.resetTimeout()
+            try:
+                reply = self.server.responder.respond(message, self._source, PRIMARY, stream=True)
+            except Exception:
+                self.server.stats_internal_errors += 1
+                _log.failure("STUN server failed to answer {source}", source=self._source)
+                reply = None
+            if reply is not None:
+                self.transport.write(reply.payload)  # type: ignore[union-attr]
+
+    def _drop(self, why: str) -> None:
+        _log.debug("closing STUN/TCP connection from {source}: {why}", source=self._source, why=why)
+        self._buffer.clear()
+        self.setTimeout(None)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def timeoutConnection(self) -> None:
+        self.server.tcp_timeouts += 1
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.setTimeout(None)
+        self.server.tcp_connections -= 1
+
+
+class _StunStreamFactory(Factory):
+    def __init__(self, server: StunServer) -> None:
+        self.server = server
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        server = self.server
+        if server.tcp_connections >= server.max_tcp_connections:
+            server.tcp_refused += 1
+            return None
+        server.tcp_connections += 1
+        return StunStreamProtocol(server)
+
+
+class StunServer(Service):
+    """
+    A STUN server on UDP and TCP.
+
+    :param reactor: Provides UDP, TCP and time.
+    :param interface: The primary address to listen on (``"0.0.0.0"`` for
+        all; a specific address when *alt_address* is given).
+    :param port: The primary port (0 picks one; see :meth:`endpoint`).
+    :param alt_address: A second address of this host: turns on RFC 5780
+        and the RFC 3489 CHANGED-ADDRESS.
+    :param alt_port: The second port, used with *alt_address*.
+    :param software: SOFTWARE text for every answer; ``None`` keeps answers
+        small.
+    :param tcp: Whether to serve STUN over TCP on the primary address and
+        port too.
+    :param tcp_idle_timeout: Seconds a TCP connection may stay without a
+        complete request.
+    :param max_tcp_connections: Concurrent TCP connections; more are closed
+        at once.
+    :param fast_path: Use the lean UDP receive loop for plain Binding
+        requests, where the reactor supports it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        interface: str = "0.0.0.0",
+        port: int = 3478,
+        alt_address: str | None = None,
+        alt_port: int = 3479,
+        software: str | None = None,
+        tcp: bool = True,
+        tcp_idle_timeout: float = 10.0,
+        max_tcp_connections: int = 1000,
+        fast_path: bool = True,
+    ) -> None:
+        if alt_address is not None and interface in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                "RFC 5780 needs the primary address: give a specific interface "
+                "address together with alt_address"
+            )
+        self.reactor = reactor
+        self.interface = interface
+        self.port = port
+        self.alt_address = alt_address
+        self.alt_port = alt_port
+        self.tcp = tcp
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.fast_path = fast_path
+        self.stats = ServerStats()
+        self.responder = BindingResponder(software=software, stats=self.stats)
+        self.stats_internal_errors = 0
+        self.send_errors = 0
+        self.tcp_connections = 0
+        self.tcp_refused = 0
+        self.tcp_timeouts = 0
+        self._udp: dict[SocketKey, Any] = {}
+        # Plain Binding requests may skip the responder only when its answer
+        # to them is the minimal one.
+        self._fast_answer = (
+            minimal_binding_response if alt_address is None and software is None else None
+        )
+        self._tcp: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._listen()
+        except BaseException:
+            self._close_all()
+            raise
+
+    def _listen(self) -> None:
+        primary = self._listen_udp(PRIMARY, self.interface, self.port)
+        primary_port = primary.getHost().port
+        if self.alt_address is not None:
+            alt = self._listen_udp(SocketKey(0, 1), self.interface, self.alt_port)
+            alt_port = alt.getHost().port
+            self._listen_udp(SocketKey(1, 0), self.alt_address, primary_port)
+            self._listen_udp(SocketKey(1, 1), self.alt_address, alt_port)
+            self.responder.addresses = ServerAddresses(
+                Endpoint(self.interface, primary_port), Endpoint(self.alt_address, alt_port)
+            )
+        if self.tcp:
+            assert IReactorTCP.providedBy(self.reactor)
+            self._tcp = self.reactor.listenTCP(
+                primary_port, _StunStreamFactory(self), interface=self.interface
+            )
+        _log.info(
+            "STUN server on {endpoints} (RFC 5780: {rfc5780})",
+            endpoints=", ".join(str(self.endpoint(k)) for k in sorted(self._udp)),
+            rfc5780=self.alt_address is not None,
+        )
+
+    def _listen_udp(self, key: SocketKey, interface: str, port: int) -> Any:
+        protocol = StunDatagramProtocol(self, key)
+        if self.fast_path and IReactorFDSet.providedBy(self.reactor):
+            listening: Any = FastStunPort(
+                port, protocol, self._fast_answer, interface=interface, reactor=self.reactor
+            )
+            listening.startListening()
+        else:
+            assert IReactorUDP.providedBy(self.reactor)
+            listening = self.reactor.listenUDP(port, protocol, interface=interface)
+        self._udp[key] = listening
+        return listening
+
+    def endpoint(self, key: SocketKey = PRIMARY) -> Endpoint:
+        """The address of a listening UDP socket (the real port when 0 was asked)."""
+        host = self._udp[key].getHost()
+        return Endpoint(host.host, host.port)
+
+    def send(self, reply: Reply) -> None:
+        """Send a reply from the socket it names; a failed send is counted."""
+        try:
+            self._udp[reply.via].write(reply.payload, reply.destination)
+        except (OSError, KeyError) as e:
+            self.send_errors += 1
+            _log.debug("STUN reply to {dest} not sent: {error}", dest=reply.destination, error=e)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._close_all()
+
+    def _close_all(self) -> defer.Deferred[None]:
+        ports: list[Any] = list(self._udp.values())
+        if self._tcp is not None:
+            ports.append(self._tcp)
+        self._udp.clear()
+        self._tcp = None
+        results = [defer.maybeDeferred(p.stopListening) for p in ports]
+        return defer.gatherResults(results).addCallback(lambda _: None)
+
