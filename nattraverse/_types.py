@@ -35,15 +35,17 @@ class Endpoint(NamedTuple):
         host, sep, port_text = text.rpartition(":")
         if text.startswith("[") and "]" in text:
             host, _, rest = text[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"{text!r} has {rest!r} after ']'; write it as [HOST]:PORT")
+            sep, port_text = rest[:1], rest[1:]
         elif not sep or ":" in host:
-            host, port_text = text, ""
-        if not port_text:
+            host, sep, port_text = text, "", ""
+        if not sep:
             if default_port is None:
                 raise ValueError(f"{text!r} has no port; write it as HOST:PORT")
             port = default_port
         else:
-            if not port_text.isdigit():
+            if not (port_text.isascii() and port_text.isdigit()):
                 raise ValueError(f"{text!r} has a port that is not a number")
             port = int(port_text)
         if not 0 <= port <= 65535:

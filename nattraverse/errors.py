@@ -160,7 +160,14 @@ class ServerError(StunErrorResponse):
 
 _BY_CODE: Mapping[int, type[StunErrorResponse]] = {
     cls.code: cls
-    for cls in (TryAlternate, BadRequest, Unauthenticated, UnknownAttribute, StaleNonce, ServerError)
+    for cls in (
+        TryAlternate,
+        BadRequest,
+        Unauthenticated,
+        UnknownAttribute,
+        StaleNonce,
+        ServerError,
+    )
 }
 
 

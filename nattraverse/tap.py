@@ -111,6 +111,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         tcp_idle_timeout=options["tcp-idle-timeout"],
         max_tcp_connections=options["max-tcp-connections"],
     )
-    stun.setName("stun")
-    stun.setServiceParent(top)
+    stun.setName("stun")  # type: ignore[no-untyped-call]
+    stun.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -234,7 +234,9 @@ class _TextAttribute(Attribute):
         try:
             return cls(value.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise AttributeValueError(f"value is not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise AttributeValueError(
+                f"value is not UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)

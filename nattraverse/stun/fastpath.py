@@ -35,7 +35,7 @@ MAX_DATAGRAM = 65535
 READS_PER_WAKEUP = 512
 
 
-class FastStunPort(udp.Port):  # type: ignore[misc]
+class FastStunPort(udp.Port):
     """
     A :class:`twisted.internet.udp.Port` whose read loop answers plain
     Binding requests itself.
@@ -54,7 +54,7 @@ class FastStunPort(udp.Port):  # type: ignore[misc]
         interface: str = "",
         reactor: Any = None,
     ) -> None:
-        super().__init__(port, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM,
+        super().__init__(port, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM,  # type: ignore[no-untyped-call]
                          reactor=reactor)
         self._answer = answer
         self.fast_answers = 0
@@ -63,7 +63,7 @@ class FastStunPort(udp.Port):  # type: ignore[misc]
     def doRead(self) -> None:
         answer = self._answer
         if answer is None or self.addressFamily != socket.AF_INET:
-            super().doRead()
+            super().doRead()  # type: ignore[no-untyped-call]
             return
         sock = self.socket
         recvfrom = sock.recvfrom

@@ -29,7 +29,6 @@ from nattraverse.stun.attributes import (
     Attribute,
     AttributeTable,
     AttributeValueError,
-    Fingerprint,
     MessageIntegrity,
     MessageIntegritySha256,
     UnknownAttribute,
@@ -50,6 +49,10 @@ from nattraverse.stun.constants import (
 
 A = TypeVar("A", bound=Attribute)
 
+#: What the decoding functions accept: a datagram as the reactor hands it
+#: over, or a stream buffer.
+BytesLike = bytes | bytearray | memoryview
+
 _HEADER = struct.Struct("!HH")
 _ATTRIBUTE_HEADER = struct.Struct("!HH")
 _MI = AttributeType.MESSAGE_INTEGRITY
@@ -57,7 +60,7 @@ _MI256 = AttributeType.MESSAGE_INTEGRITY_SHA256
 _FP = AttributeType.FINGERPRINT
 
 
-def is_stun(data: bytes) -> bool:
+def is_stun(data: BytesLike) -> bool:
     """
     Whether *data* looks like an RFC 5389/8489 STUN message: first two bits
     zero, magic cookie, length field matching the datagram.  Cheap enough to
@@ -72,7 +75,7 @@ def is_stun(data: bytes) -> bool:
     )
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: BytesLike) -> int:
     """
     The length of the whole message whose first 4 or more bytes are
     *header*, for framing STUN over a stream (RFC 8489 section 6.2.2).
@@ -251,11 +254,19 @@ def encode(
         raise ValueError("sha256_length must be 16, 20, 24, 28 or 32")
     body = bytearray()
     for attribute in attributes:
-        type_code = attribute.type if isinstance(attribute, UnknownAttribute) else attribute.TYPE
-        value = attribute.encode_value(transaction_id)
-        if len(value) > 0xFFFF:
-            raise ValueError(f"{attribute.NAME} value is longer than 65535 bytes")
-        body += _attribute(type_code, value, padding)
+        if isinstance(attribute, UnknownAttribute):
+            type_code, name = attribute.type, attribute.name
+        else:
+            type_code, name = attribute.TYPE, attribute.NAME
+        try:
+            value = attribute.encode_value(transaction_id)
+            if len(value) > 0xFFFF:
+                raise ValueError(f"{name} value is longer than 65535 bytes")
+            body += _attribute(type_code, value, padding)
+        except struct.error as e:
+            # A number out of range for its field (a port, a priority, a
+            # type code): the documented ValueError, not struct's own error.
+            raise ValueError(f"{name} cannot be encoded: {e}") from None
     head = struct.pack("!H", message_type(method, message_class))
     if integrity_key is not None:
         mac = _mac(head + b"\0\0" + tail + body, HEADER_LENGTH + len(body) + 24, integrity_key,
@@ -277,7 +288,7 @@ def encode(
 
 
 def decode(
-    data: bytes,
+    data: BytesLike,
     *,
     table: AttributeTable = DEFAULT_ATTRIBUTES,
     classic: bool = False,
@@ -295,7 +306,9 @@ def decode(
     data = bytes(data)
     size = len(data)
     if size < HEADER_LENGTH:
-        raise StunDecodeError("header", f"datagram is {size} bytes, shorter than the 20-byte header")
+        raise StunDecodeError(
+            "header", f"datagram is {size} bytes, shorter than the 20-byte header"
+        )
     raw_type, length = _HEADER.unpack_from(data)
     if raw_type & 0xC000:
         raise StunDecodeError("header", "the first two bits are not zero")
@@ -365,8 +378,9 @@ def decode(
                 after_sha256 = True
             elif type_code == _FP:
                 after_fingerprint = True
-                assert isinstance(attribute, Fingerprint)
-                if attribute.crc != _fingerprint(data[:offset]):
+                # Compare the raw value, so that the check holds whatever
+                # class (if any) the table in use maps FINGERPRINT to.
+                if data[start:end] != struct.pack("!I", _fingerprint(data[:offset])):
                     raise error(
                         f"attribute FINGERPRINT at offset {offset}",
                         "CRC-32 does not match the message",

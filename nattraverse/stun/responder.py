@@ -18,8 +18,8 @@ a 44-byte answer, so IPv6 answers are the minimal ones, not within 1.6x.
 from __future__ import annotations
 
 import struct
-from socket import inet_aton
 from dataclasses import dataclass, field
+from socket import inet_aton
 from typing import NamedTuple
 
 from nattraverse._types import Endpoint

@@ -14,25 +14,28 @@ in :class:`~nattraverse.stun.responder.ServerStats` and dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     IReactorFDSet,
     IReactorTCP,
     IReactorUDP,
 )
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.stun.constants import HEADER_LENGTH
-from nattraverse.stun.fastpath import FastStunPort
+from nattraverse.stun.fastpath import MAX_DATAGRAM, FastStunPort
 from nattraverse.stun.message import frame_length
 from nattraverse.stun.responder import (
     PRIMARY,
@@ -82,14 +85,18 @@ class StunStreamProtocol(Protocol, TimeoutMixin):
 
     def __init__(self, server: StunServer) -> None:
         self.server = server
-        self.callLater = server.reactor.callLater  # TimeoutMixin's clock
         self._buffer = bytearray()
         self._source = Endpoint("0.0.0.0", 0)
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's clock: the server's reactor, not the global one."""
+        return self.server.reactor.callLater(period, func)  # type: ignore[no-any-return]
+
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
+        assert isinstance(peer, IPv4Address | IPv6Address)
         self._source = Endpoint(peer.host, peer.port)
-        self.setTimeout(self.server.tcp_idle_timeout)
+        self.setTimeout(self.server.tcp_idle_timeout)  # type: ignore[no-untyped-call]
 
     def dataReceived(self, data: bytes) -> None:
         buffer = self._buffer
@@ -108,7 +115,7 @@ class StunStreamProtocol(Protocol, TimeoutMixin):
                 return
             message = bytes(buffer[:size])
             del buffer[:size]
-            self.resetTimeout()
+            self.resetTimeout()  # type: ignore[no-untyped-call]
             try:
                 reply = self.server.responder.respond(message, self._source, PRIMARY, stream=True)
             except Exception:
@@ -121,23 +128,23 @@ class StunStreamProtocol(Protocol, TimeoutMixin):
     def _drop(self, why: str) -> None:
         _log.debug("closing STUN/TCP connection from {source}: {why}", source=self._source, why=why)
         self._buffer.clear()
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def timeoutConnection(self) -> None:
         self.server.tcp_timeouts += 1
         self.transport.abortConnection()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self.setTimeout(None)
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.server.tcp_connections -= 1
 
 
-class _StunStreamFactory(Factory):
+class _StunStreamFactory(ServerFactory):
     def __init__(self, server: StunServer) -> None:
         self.server = server
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         server = self.server
         if server.tcp_connections >= server.max_tcp_connections:
             server.tcp_refused += 1
@@ -213,7 +220,7 @@ class StunServer(Service):
         self._tcp: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         try:
             self._listen()
         except BaseException:
@@ -251,7 +258,9 @@ class StunServer(Service):
             listening.startListening()
         else:
             assert IReactorUDP.providedBy(self.reactor)
-            listening = self.reactor.listenUDP(port, protocol, interface=interface)
+            listening = self.reactor.listenUDP(
+                port, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM
+            )
         self._udp[key] = listening
         return listening
 
@@ -269,7 +278,7 @@ class StunServer(Service):
             _log.debug("STUN reply to {dest} not sent: {error}", dest=reply.destination, error=e)
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return self._close_all()
 
     def _close_all(self) -> defer.Deferred[None]:

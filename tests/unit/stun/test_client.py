@@ -661,7 +661,7 @@ SERVER_ADDRESS = IPv4Address("TCP", "192.0.2.1", 3478)
 
 
 def string_transport() -> StringTransport:
-    return StringTransport(peerAddress=SERVER_ADDRESS)  # type: ignore[no-untyped-call]
+    return StringTransport(peerAddress=SERVER_ADDRESS)
 
 
 def closing(transport: StringTransport) -> bool:
@@ -680,7 +680,7 @@ def connected(**kwargs: Any) -> tuple[Clock, StringTransport, StunTcpClientProto
 
 def written(transport: StringTransport) -> list[bytes]:
     """Split what the protocol wrote into STUN messages."""
-    data: bytes = transport.value()  # type: ignore[no-untyped-call]
+    data: bytes = transport.value()
     out = []
     while data:
         size = 20 + int.from_bytes(data[2:4], "big")
@@ -755,7 +755,7 @@ def test_tcp_connection_lost_fails_pending(reason: Exception) -> None:
     """Losing the connection fails pending requests with the reason."""
     clock, _, protocol = connected()
     d = protocol.binding()
-    protocol.connectionLost(Failure(reason))  # type: ignore[no-untyped-call]
+    protocol.connectionLost(Failure(reason))
     failed(d, type(reason))
     assert clock.getDelayedCalls() == []
     failed(protocol.binding(), ConnectionClosed)

@@ -38,7 +38,7 @@ class Recorder:
 def listening(**kwargs: Any) -> tuple[Clock, FakeDatagramTransport, StunDemultiplexer]:
     clock = Clock()
     demux = StunDemultiplexer(clock, **kwargs)
-    transport = FakeDatagramTransport()  # type: ignore[no-untyped-call]
+    transport = FakeDatagramTransport()
     demux.makeConnection(transport)
     return clock, transport, demux
 
