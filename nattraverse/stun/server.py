@@ -44,7 +44,6 @@ from nattraverse.stun.responder import (
     ServerAddresses,
     ServerStats,
     SocketKey,
-    minimal_binding_response,
 )
 
 _log = Logger()
@@ -214,9 +213,7 @@ class StunServer(Service):
         self._udp: dict[SocketKey, Any] = {}
         # Plain Binding requests may skip the responder only when its answer
         # to them is the minimal one.
-        self._fast_answer = (
-            minimal_binding_response if alt_address is None and software is None else None
-        )
+        self._fast_enabled = alt_address is None and software is None
         self._tcp: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -253,7 +250,8 @@ class StunServer(Service):
         protocol = StunDatagramProtocol(self, key)
         if self.fast_path and IReactorFDSet.providedBy(self.reactor):
             listening: Any = FastStunPort(
-                port, protocol, self._fast_answer, interface=interface, reactor=self.reactor
+                port, protocol, enabled=self._fast_enabled, interface=interface,
+                reactor=self.reactor,
             )
             listening.startListening()
         else:
