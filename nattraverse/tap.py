@@ -18,24 +18,25 @@ from nattraverse.stun.server import StunServer
 
 
 def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{value} is not a port number (0-65535)")
-    return port
+    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= 65535:
+        raise ValueError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
 
 
 def _positive(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError(f"{value} must be greater than 0")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{value!r} must be a number of seconds greater than 0")
     return number
 
 
 def _count(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value} must be at least 1")
-    return number
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise ValueError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
 
 
 class Options(usage.Options):
@@ -81,7 +82,9 @@ class Options(usage.Options):
                     "--alt-address needs the primary address too: give --stun-interface "
                     "a specific address of this host (not 0.0.0.0 or ::)"
                 )
-            if self["alt-address"] == self["stun-interface"]:
+            if ipaddress.ip_address(self["alt-address"]) == ipaddress.ip_address(
+                self["stun-interface"]
+            ):
                 raise usage.UsageError("--alt-address must differ from --stun-interface")
             primary = ipaddress.ip_address(self["stun-interface"])
             if ipaddress.ip_address(self["alt-address"]).version != primary.version:

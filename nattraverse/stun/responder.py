@@ -17,13 +17,11 @@ a 44-byte answer, so IPv6 answers are the minimal ones, not within 1.6x.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
-from socket import inet_aton
 from typing import NamedTuple
 
 from nattraverse._types import Endpoint
-from nattraverse.errors import StunDecodeError
+from nattraverse.errors import FingerprintMismatch, StunDecodeError
 from nattraverse.stun.attributes import (
     Attribute,
     ChangedAddress,
@@ -42,7 +40,6 @@ from nattraverse.stun.attributes import (
 )
 from nattraverse.stun.constants import (
     HEADER_LENGTH,
-    MAGIC_COOKIE_BYTES,
     MessageClass,
     Method,
 )
@@ -51,6 +48,9 @@ from nattraverse.stun.message import Message, decode, encode
 #: Largest answer, relative to the request, for unauthenticated requests
 #: (RFC 5780 off, no SOFTWARE).
 AMPLIFICATION_FACTOR = 1.6
+
+#: Largest UDP payload over IPv4 (65535 - 20 - 8); answers never exceed it.
+MAX_UDP_PAYLOAD = 65507
 
 
 class SocketKey(NamedTuple):
@@ -144,8 +144,9 @@ class BindingResponder:
     def fast_path_allowed(self) -> bool:
         """
         Whether a plain 20-byte Binding request gets exactly the minimal
-        answer, so that an adapter may build it without this class (see
-        :func:`minimal_binding_response`).
+        answer (XOR-MAPPED-ADDRESS alone), so that an adapter may build it
+        without this class, as :class:`~nattraverse.stun.fastpath.FastStunPort`
+        does.
         """
         return self.addresses is None and self.software is None
 
@@ -160,6 +161,11 @@ class BindingResponder:
         stats = self.stats
         try:
             message = decode(data, classic=True)
+        except FingerprintMismatch:
+            # RFC 8489 section 7.3: a message whose FINGERPRINT fails is
+            # discarded silently; it may not even be STUN.
+            stats.dropped_malformed += 1
+            return None
         except StunDecodeError as e:
             if (
                 e.message_class == MessageClass.REQUEST
@@ -192,6 +198,7 @@ class BindingResponder:
                 source,
                 local,
                 refusal.extra,
+                fingerprint=message.get(Fingerprint) is not None and not message.classic,
             )
 
     def _answer(
@@ -241,13 +248,18 @@ class BindingResponder:
                 attributes.append(MappedAddress(source))
                 attributes.append(ResponseOrigin(addresses.endpoint(via)))
                 attributes.append(OtherAddress(addresses.endpoint(_other(local))))
-                if padding is not None:
-                    # RFC 5780 section 6.1 suggests padding to the MTU; we
-                    # echo the request's padding length so that PADDING
-                    # never amplifies.
-                    attributes.append(Padding(b"\x00" * len(padding.value)))
         if self.software is not None:
             attributes.append(self.software)
+        if padding is not None and not message.classic:
+            # RFC 5780 section 6.1 suggests padding to the MTU; we echo the
+            # request's padding length, so that PADDING never amplifies, cut
+            # so that the answer still fits in one datagram.
+            used = HEADER_LENGTH + sum(
+                4 + _padded(len(a.encode_value(message.transaction_id))) for a in attributes
+            )
+            room = MAX_UDP_PAYLOAD - used - 4 - 8 * (message.get(Fingerprint) is not None)
+            length = min(len(padding.value), room - room % 4)
+            attributes.append(Padding(b"\x00" * length))
         payload = encode(
             message.method,
             MessageClass.SUCCESS,
@@ -268,19 +280,28 @@ class BindingResponder:
         source: Endpoint,
         local: SocketKey,
         extra: tuple[Attribute, ...] = (),
+        *,
+        fingerprint: bool = False,
     ) -> Reply | None:
         stats = self.stats
         budget = int(len(data) * AMPLIFICATION_FACTOR)
-        # Header, ERROR-CODE header and fixed part, the extra attributes.
-        fixed = HEADER_LENGTH + 8 + sum(4 + _padded(len(a.encode_value(transaction_id)))
-                                        for a in extra)
+        # Header, ERROR-CODE header and fixed part, the extra attributes,
+        # FINGERPRINT when the request had one (RFC 8489 section 7.3).
+        fixed = (
+            HEADER_LENGTH
+            + 8
+            + sum(4 + _padded(len(a.encode_value(transaction_id))) for a in extra)
+            + 8 * fingerprint
+        )
         room = budget - fixed
         if room < 0:
             stats.dropped_over_budget += 1
             return None
         text = reason.encode()[: room - room % 4].decode("utf-8", "ignore")
         attributes: tuple[Attribute, ...] = (ErrorCode(code, text), *extra)
-        payload = encode(method, MessageClass.ERROR, transaction_id, attributes)
+        payload = encode(
+            method, MessageClass.ERROR, transaction_id, attributes, fingerprint=fingerprint
+        )
         stats.error_responses += 1
         stats.errors_by_code[code] = stats.errors_by_code.get(code, 0) + 1
         return Reply(payload, local, source)
@@ -301,21 +322,3 @@ def _looks_foreign(data: bytes) -> bool:
     as "not STUN" and never answered.
     """
     return len(data) < HEADER_LENGTH or data[0] >= 0x40
-
-
-_BINDING_SUCCESS_IPV4 = struct.Struct("!HH4s12sHHBBH4s")
-_XOR_PORT = 0x2112
-_COOKIE_INT = int.from_bytes(MAGIC_COOKIE_BYTES, "big")
-
-
-def minimal_binding_response(transaction_id: bytes, host: str, port: int) -> bytes:
-    """
-    The success response to a plain Binding request from an IPv4 source:
-    header and XOR-MAPPED-ADDRESS, 32 bytes (RFC 8489 sections 5, 14.2).
-    Used by the adapters' fast path; equal to what :class:`BindingResponder`
-    answers when :attr:`BindingResponder.fast_path_allowed`.
-    """
-    masked = (int.from_bytes(inet_aton(host), "big") ^ _COOKIE_INT).to_bytes(4, "big")
-    return _BINDING_SUCCESS_IPV4.pack(
-        0x0101, 12, MAGIC_COOKIE_BYTES, transaction_id, 0x0020, 8, 0, 1, port ^ _XOR_PORT, masked
-    )

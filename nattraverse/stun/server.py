@@ -14,12 +14,14 @@ in :class:`~nattraverse.stun.responder.ServerStats` and dropped.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -95,7 +97,13 @@ class StunStreamProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         assert isinstance(peer, IPv4Address | IPv6Address)
         self._source = Endpoint(peer.host, peer.port)
+        self.server._streams.add(self)
         self.setTimeout(self.server.tcp_idle_timeout)  # type: ignore[no-untyped-call]
+        # Stop reading while our answers wait in the send buffer: a peer
+        # that sends requests and never reads the answers is then cut off by
+        # the idle timeout instead of filling our memory with them.
+        transport = self.transport
+        transport.registerProducer(transport, True)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         buffer = self._buffer
@@ -137,6 +145,7 @@ class StunStreamProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.server.tcp_connections -= 1
+        self.server._streams.discard(self)
 
 
 class _StunStreamFactory(ServerFactory):
@@ -189,7 +198,9 @@ class StunServer(Service):
         max_tcp_connections: int = 1000,
         fast_path: bool = True,
     ) -> None:
-        if alt_address is not None and interface in ("0.0.0.0", "::", ""):
+        if alt_address is not None and (
+            not interface or ipaddress.ip_address(interface).is_unspecified
+        ):
             raise ValueError(
                 "RFC 5780 needs the primary address: give a specific interface "
                 "address together with alt_address"
@@ -210,10 +221,12 @@ class StunServer(Service):
         self.tcp_connections = 0
         self.tcp_refused = 0
         self.tcp_timeouts = 0
+        # Open TCP connections, closed by stopService with the listeners.
+        self._streams: set[StunStreamProtocol] = set()
         self._udp: dict[SocketKey, Any] = {}
         # Plain Binding requests may skip the responder only when its answer
         # to them is the minimal one.
-        self._fast_enabled = alt_address is None and software is None
+        self._fast_enabled = alt_address is None and self.responder.fast_path_allowed
         self._tcp: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -221,6 +234,7 @@ class StunServer(Service):
         try:
             self._listen()
         except BaseException:
+            self.running = False
             self._close_all()
             raise
 
@@ -262,6 +276,11 @@ class StunServer(Service):
         self._udp[key] = listening
         return listening
 
+    @property
+    def fast_answers(self) -> int:
+        """Plain Binding requests answered by the fast path (not in :attr:`stats`)."""
+        return sum(getattr(port, "fast_answers", 0) for port in self._udp.values())
+
     def endpoint(self, key: SocketKey = PRIMARY) -> Endpoint:
         """The address of a listening UDP socket (the real port when 0 was asked)."""
         host = self._udp[key].getHost()
@@ -271,7 +290,9 @@ class StunServer(Service):
         """Send a reply from the socket it names; a failed send is counted."""
         try:
             self._udp[reply.via].write(reply.payload, reply.destination)
-        except (OSError, KeyError) as e:
+        except (OSError, KeyError, MessageLengthError) as e:
+            # Twisted turns EMSGSIZE into MessageLengthError, not an OSError:
+            # an RFC 5780 answer echoing a near-64 KiB PADDING is too long.
             self.send_errors += 1
             _log.debug("STUN reply to {dest} not sent: {error}", dest=reply.destination, error=e)
 
@@ -285,6 +306,8 @@ class StunServer(Service):
             ports.append(self._tcp)
         self._udp.clear()
         self._tcp = None
+        for stream in list(self._streams):
+            stream.transport.abortConnection()  # type: ignore[union-attr]
         results = [defer.maybeDeferred(p.stopListening) for p in ports]
         return defer.gatherResults(results).addCallback(lambda _: None)
 
