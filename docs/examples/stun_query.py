@@ -11,8 +11,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import react
 
 from nattraverse.stun.attributes import ChangeRequest
-from nattraverse.stun.client import tcp_binding
 from nattraverse.stun.demux import StunDemultiplexer
+from nattraverse.stun.tcp_client import tcp_binding
 
 
 async def main(reactor, host="127.0.0.1", port="3478"):

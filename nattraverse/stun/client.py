@@ -7,9 +7,8 @@ The STUN client: Twisted adapters around the pure transaction machinery of
   function and is handed datagrams through :meth:`StunClient.datagram_received`;
   :class:`~nattraverse.stun.demux.StunDemultiplexer` wires both to a UDP
   port.  Requests are retransmitted on the RFC 8489 section 6.2.1 schedule.
-- :class:`StunTcpClientProtocol` runs transactions over a stream
-  (RFC 8489 section 6.2.2), and :func:`tcp_binding` connects, asks once and
-  closes.
+- Over a stream, :mod:`nattraverse.stun.tcp_client` does the same with
+  one send per transaction (RFC 8489 section 6.2.2).
 
 Every request returns a cancellable Deferred that fires with a
 :class:`~nattraverse.stun.transaction.StunResponse`, or fails with
@@ -27,14 +26,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionClosed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.errors import (
@@ -45,17 +41,14 @@ from nattraverse.errors import (
 )
 from nattraverse.stun.attributes import Attribute
 from nattraverse.stun.constants import (
-    HEADER_LENGTH,
-    MAGIC_COOKIE_BYTES,
     TRANSACTION_ID_LENGTH,
     MessageClass,
     Method,
     split_message_type,
 )
-from nattraverse.stun.message import Message, decode, frame_length, is_stun
+from nattraverse.stun.message import Message, decode, is_stun
 from nattraverse.stun.transaction import (
     Policy,
-    ReliablePolicy,
     Retransmission,
     RetransmissionPolicy,
     StunRequest,
@@ -68,8 +61,6 @@ __all__ = [
     "SendFunction",
     "StunClient",
     "StunResponse",
-    "StunTcpClientProtocol",
-    "tcp_binding",
 ]
 
 _log = Logger()
@@ -80,10 +71,7 @@ SendFunction = Callable[[bytes, Endpoint], object]
 #: RFC 8489 section 6.2: at most ten outstanding transactions per server.
 DEFAULT_MAX_OUTSTANDING = 10
 
-#: Largest STUN message a :class:`StunTcpClientProtocol` accepts.
-MAX_TCP_MESSAGE = 8192
-
-_RESPONSE_CLASSES = (MessageClass.SUCCESS, MessageClass.ERROR)
+RESPONSE_CLASSES = (MessageClass.SUCCESS, MessageClass.ERROR)
 
 
 @dataclass(slots=True)
@@ -115,7 +103,7 @@ class ClientStats:
     integrity_failed: int = 0
 
 
-def _match_key(address: tuple[Any, ...]) -> Endpoint:
+def match_key(address: tuple[Any, ...]) -> Endpoint:
     """
     *address* (a Twisted address tuple or an :class:`Endpoint`) in the form
     responses are matched by: canonical IP text, IPv4-mapped IPv6 addresses
@@ -165,7 +153,7 @@ class _Transaction:
         self.request = request
         self.data = data
         self.server = server
-        self.key = _match_key(server)
+        self.key = match_key(server)
         self.match_source = match_source
         self.deferred: Deferred[StunResponse] = Deferred(lambda _: cancel(self))
         #: ``None`` while the transaction waits for a free slot.
@@ -173,7 +161,7 @@ class _Transaction:
         self.call: IDelayedCall | None = None
 
 
-class _Transactions:
+class TransactionTable:
     """
     The transactions of one client: ids, timers, the per-server limit and
     the end of each transaction.  Shared by the UDP and the TCP client.
@@ -414,7 +402,7 @@ class StunClient:
             raise ValueError(f"max_outstanding must be at least 1, not {max_outstanding!r}")
         self.policy = RetransmissionPolicy(rto, rc, rm)
         self.stats = ClientStats()
-        self._transactions = _Transactions(
+        self._transactions = TransactionTable(
             reactor, self.policy, random_bytes, send, self.stats, max_outstanding
         )
 
@@ -513,7 +501,7 @@ class StunClient:
         if not is_stun(data):
             return False
         _, message_class = split_message_type(data[0] << 8 | data[1])
-        if message_class not in _RESPONSE_CLASSES:
+        if message_class not in RESPONSE_CLASSES:
             return False
         try:
             self._response_received(data, addr)
@@ -523,7 +511,7 @@ class StunClient:
 
     def _response_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         stats = self.stats
-        source = _match_key(addr)
+        source = match_key(addr)
         try:
             message = decode(data)
         except StunDecodeError as e:
@@ -580,223 +568,3 @@ class StunClient:
                 f"{t.request.transaction_id.hex()} to {t.server} was pending"
             )
         )
-
-
-class StunTcpClientProtocol(Protocol):
-    """
-    STUN transactions over one stream connection (RFC 8489 section 6.2.2).
-
-    Messages are framed by their length field.  Each request is sent once
-    and fails with :class:`~nattraverse.errors.StunTimeout` after *ti*
-    seconds without a response.  Over a reliable transport a response that
-    fails its integrity check, or that does not decode, ends its
-    transaction (RFC 8489 section 9.1.4); bytes that are not STUN framing,
-    or a message longer than *max_message*, close the connection, since the
-    stream cannot be resynchronised.  When the connection is lost, pending
-    requests fail with the reason (``ConnectionDone``, ``ConnectionLost``).
-
-    :raises ValueError: when *ti* is not a positive number of seconds.
-    """
-
-    def __init__(
-        self,
-        reactor: IReactorTime,
-        *,
-        ti: float = 39.5,
-        random_bytes: Callable[[int], bytes] = os.urandom,
-        max_message: int = MAX_TCP_MESSAGE,
-    ) -> None:
-        self.stats = ClientStats()
-        self.max_message = max_message
-        self._transactions = _Transactions(
-            reactor, ReliablePolicy(ti), random_bytes, self._write, self.stats, None
-        )
-        self._buffer = bytearray()
-        self._closed = False
-
-    @property
-    def pending(self) -> int:
-        """How many transactions wait for a response."""
-        return len(self._transactions.by_id)
-
-    def _peer(self) -> Endpoint:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        host, port = getattr(peer, "host", "?"), getattr(peer, "port", 0)
-        return _match_key((host, port))
-
-    def _write(self, data: bytes, server: Endpoint) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def request(
-        self,
-        attributes: Iterable[Attribute] = (),
-        *,
-        method: int = Method.BINDING,
-        integrity_key: bytes | None = None,
-        integrity_sha256_key: bytes | None = None,
-        fingerprint: bool = False,
-    ) -> Deferred[StunResponse]:
-        """
-        Send a request over the connection; see :meth:`StunClient.request`.
-        It fails with ``ConnectionClosed`` when the connection is closed,
-        and with :class:`~nattraverse.errors.StunIntegrityError` when the
-        response fails the integrity check.
-        """
-        if self._closed:
-            return fail(ConnectionClosed("the STUN TCP connection is closed"))
-        if self.transport is None:
-            return fail(RuntimeError("the STUN TCP connection is not made yet"))
-        return self._transactions.start(
-            self._peer(),
-            attributes,
-            method,
-            integrity_key,
-            integrity_sha256_key,
-            fingerprint,
-            False,
-        )
-
-    def binding(
-        self,
-        attributes: Iterable[Attribute] = (),
-        *,
-        integrity_key: bytes | None = None,
-        integrity_sha256_key: bytes | None = None,
-        fingerprint: bool = False,
-    ) -> Deferred[StunResponse]:
-        """A Binding request over the connection; see :meth:`request`."""
-        return self.request(
-            attributes,
-            method=Method.BINDING,
-            integrity_key=integrity_key,
-            integrity_sha256_key=integrity_sha256_key,
-            fingerprint=fingerprint,
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        """Reassemble framed messages and handle each whole one."""
-        if self._closed:
-            return
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= HEADER_LENGTH and not self._closed:
-            if buffer[0] >= 0x40 or buffer[4:8] != MAGIC_COOKIE_BYTES:
-                self._desynchronised("the stream does not carry STUN messages")
-                return
-            size = frame_length(bytes(buffer[:4]))
-            if size > self.max_message:
-                self._desynchronised(
-                    f"a {size}-byte message is larger than the {self.max_message} accepted"
-                )
-                return
-            if len(buffer) < size:
-                return
-            frame = bytes(buffer[:size])
-            del buffer[:size]
-            try:
-                self._frame_received(frame)
-            except Exception:
-                _log.failure(
-                    "STUN TCP client failed on a message from {peer}", peer=str(self._peer())
-                )
-
-    def _frame_received(self, frame: bytes) -> None:
-        stats = self.stats
-        transactions = self._transactions
-        try:
-            message = decode(frame)
-        except StunDecodeError as e:
-            stats.malformed += 1
-            _log.debug(
-                "malformed STUN message from {peer}: {error}", peer=str(self._peer()), error=e
-            )
-            if e.transaction_id is not None and e.message_class in _RESPONSE_CLASSES:
-                broken = transactions.pending(e.transaction_id)
-                if broken is not None and broken.request.method == e.method:
-                    transactions.fail(broken, e)
-            return
-        transaction = transactions.pending(message.transaction_id)
-        if transaction is None or not transaction.request.matches(message):
-            stats.unmatched += 1
-            _log.debug(
-                "ignored STUN {message_class} {transaction_id} from {peer}",
-                message_class=message.message_class.name.lower(),
-                transaction_id=message.transaction_id.hex(),
-                peer=str(self._peer()),
-            )
-            return
-        try:
-            transaction.request.verify(message)
-        except StunIntegrityError as e:
-            stats.integrity_failed += 1
-            transactions.fail(transaction, e)
-            return
-        transactions.answer(transaction, message, self._peer())
-
-    def _desynchronised(self, reason: str) -> None:
-        self.stats.malformed += 1
-        _log.warn(
-            "closing STUN TCP connection to {peer}: {reason}", peer=str(self._peer()), reason=reason
-        )
-        self._closed = True
-        self._buffer.clear()
-        error = StunDecodeError("stream", reason)
-        self._transactions.stop(lambda _: error)
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Fail every pending request with the reason."""
-        self._closed = True
-        self._buffer.clear()
-        error = reason.value if isinstance(reason.value, Exception) else ConnectionClosed()
-        self._transactions.stop(lambda _: error)
-
-
-def tcp_binding(
-    reactor: IReactorTime,
-    endpoint: IStreamClientEndpoint,
-    attributes: Iterable[Attribute] = (),
-    *,
-    integrity_key: bytes | None = None,
-    integrity_sha256_key: bytes | None = None,
-    fingerprint: bool = False,
-    ti: float = 39.5,
-    random_bytes: Callable[[int], bytes] = os.urandom,
-) -> Deferred[StunResponse]:
-    """
-    Connect to a STUN server over a stream, send one Binding request, close
-    (RFC 8489 section 6.2.2).
-
-    :param endpoint: Where the server is, e.g. a ``TCP4ClientEndpoint``
-        (its own timeout bounds the connection attempt).
-    :param ti: Seconds to wait for the response once connected.
-    :returns: A Deferred firing with the response; it fails like
-        :meth:`StunTcpClientProtocol.request`, or with the endpoint's
-        connection error.  Cancelling it cancels the connection attempt or
-        the request, and closes the connection.
-    """
-    try:
-        ReliablePolicy(ti)
-    except ValueError as e:
-        return fail(e)
-    pending_attributes = tuple(attributes)
-
-    async def run() -> StunResponse:
-        factory = Factory.forProtocol(
-            lambda: StunTcpClientProtocol(reactor, ti=ti, random_bytes=random_bytes)
-        )
-        protocol = cast(StunTcpClientProtocol, await endpoint.connect(factory))
-        try:
-            return await protocol.binding(
-                pending_attributes,
-                integrity_key=integrity_key,
-                integrity_sha256_key=integrity_sha256_key,
-                fingerprint=fingerprint,
-            )
-        finally:
-            if protocol.transport is not None:
-                protocol.transport.loseConnection()
-
-    return Deferred.fromCoroutine(run())

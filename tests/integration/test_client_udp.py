@@ -26,11 +26,11 @@ from nattraverse.stun.attributes import (
     Username,
     XorMappedAddress,
 )
-from nattraverse.stun.client import tcp_binding
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.credentials import short_term_key
 from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.message import decode, encode, frame_length, is_stun
+from nattraverse.stun.tcp_client import tcp_binding
 
 LOCALHOST = "127.0.0.1"
 PASSWORD = "correct horse"

@@ -36,13 +36,13 @@ from nattraverse.stun.attributes import (
     Software,
     XorMappedAddress,
 )
-from nattraverse.stun.client import StunTcpClientProtocol, tcp_binding
 from nattraverse.stun.constants import MAGIC_COOKIE_BYTES, MessageClass, Method
 from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.fastpath import FastStunPort
 from nattraverse.stun.message import decode, encode
 from nattraverse.stun.responder import BindingResponder, SocketKey
 from nattraverse.stun.server import StunServer
+from nattraverse.stun.tcp_client import StunTcpClientProtocol, tcp_binding
 
 LOCALHOST = "127.0.0.1"
 SECOND = "127.0.0.2"

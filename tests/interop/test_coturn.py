@@ -3,7 +3,7 @@ Interop with coturn (Debian package ``coturn``), both ways, on loopback:
 
 - coturn's ``turnutils_stunclient`` against our ``twistd natrendezvous``;
 - our :class:`~nattraverse.stun.client.StunClient` and
-  :func:`~nattraverse.stun.client.tcp_binding` against coturn's
+  :func:`~nattraverse.stun.tcp_client.tcp_binding` against coturn's
   ``turnserver`` in STUN-only mode.
 
 The RFC 5780 tests use 127.0.0.2 as the second address.
@@ -24,8 +24,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from nattraverse._types import Endpoint
 from nattraverse.stun.attributes import ChangeRequest
-from nattraverse.stun.client import StunTcpClientProtocol, tcp_binding
 from nattraverse.stun.demux import StunDemultiplexer
+from nattraverse.stun.tcp_client import StunTcpClientProtocol, tcp_binding
 from tests.interop.helpers import ALT_LOOPBACK, LOOPBACK, Coturn, Rendezvous
 
 pytestmark = pytest.mark.interop

@@ -44,11 +44,10 @@ from nattraverse.stun.attributes import UnknownAttribute as RawAttribute
 from nattraverse.stun.client import (
     StunClient,
     StunResponse,
-    StunTcpClientProtocol,
-    tcp_binding,
 )
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode
+from nattraverse.stun.tcp_client import StunTcpClientProtocol, tcp_binding
 
 T = TypeVar("T")
 
