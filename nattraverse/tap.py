@@ -54,16 +54,33 @@ class Options(usage.Options):
 
     optParameters = [
         ["stun-port", None, 3478, "UDP and TCP port of the STUN service.", _port],
-        ["stun-interface", None, "0.0.0.0",
-         "Address the STUN service listens on; a specific address when --alt-address is given."],
-        ["alt-address", None, None,
-         "Second IP address of this host: turns on RFC 5780 (OTHER-ADDRESS, "
-         "CHANGE-REQUEST) and RFC 3489 CHANGED-ADDRESS."],
+        [
+            "stun-interface",
+            None,
+            "0.0.0.0",
+            "Address the STUN service listens on; a specific address when --alt-address is given.",
+        ],
+        [
+            "alt-address",
+            None,
+            None,
+            "Second IP address of this host: turns on RFC 5780 (OTHER-ADDRESS, "
+            "CHANGE-REQUEST) and RFC 3489 CHANGED-ADDRESS.",
+        ],
         ["alt-port", None, 3479, "Second port, used with --alt-address.", _port],
-        ["software", None, None,
-         "SOFTWARE attribute text added to every STUN answer (off by default: smaller answers)."],
-        ["tcp-idle-timeout", None, 10.0,
-         "Seconds a STUN/TCP connection may stay without a complete request.", _positive],
+        [
+            "software",
+            None,
+            None,
+            "SOFTWARE attribute text added to every STUN answer (off by default: smaller answers).",
+        ],
+        [
+            "tcp-idle-timeout",
+            None,
+            10.0,
+            "Seconds a STUN/TCP connection may stay without a complete request.",
+            _positive,
+        ],
         ["max-tcp-connections", None, 1000, "Concurrent STUN/TCP connections at most.", _count],
     ]
 

@@ -107,8 +107,13 @@ def _load_mmsg() -> tuple[Any, Any] | None:
         recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
     except (OSError, AttributeError):
         return None
-    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
-                         ctypes.c_void_p]
+    recvmmsg.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
     recvmmsg.restype = ctypes.c_int
     sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
     sendmmsg.restype = ctypes.c_int
@@ -236,7 +241,9 @@ class FastStunPort(udp.Port):
         fd = self.socket.fileno()
         lengths, cookies, head = batch.lengths, batch.cookies, batch.head
         want_lengths, want_cookies, want_head = (
-            batch.want_lengths, batch.want_cookies, batch.want_head
+            batch.want_lengths,
+            batch.want_cookies,
+            batch.want_head,
         )
         names, values, masks = batch.names, batch.values, batch.masks
         from_bytes = int.from_bytes
@@ -294,7 +301,11 @@ class FastStunPort(udp.Port):
     def _mixed(self, fd: int, batch: _Batch, count: int) -> None:
         """Per-datagram loop for a batch that holds more than plain requests."""
         lengths, head, body, names, values = (
-            batch.lengths, batch.head, batch.body, batch.names, batch.values
+            batch.lengths,
+            batch.head,
+            batch.body,
+            batch.names,
+            batch.values,
         )
         mask = batch.masks[1]
         run = -1

@@ -269,8 +269,12 @@ def encode(
             raise ValueError(f"{name} cannot be encoded: {e}") from None
     head = struct.pack("!H", message_type(method, message_class))
     if integrity_key is not None:
-        mac = _mac(head + b"\0\0" + tail + body, HEADER_LENGTH + len(body) + 24, integrity_key,
-                   hashlib.sha1)
+        mac = _mac(
+            head + b"\0\0" + tail + body,
+            HEADER_LENGTH + len(body) + 24,
+            integrity_key,
+            hashlib.sha1,
+        )
         body += _attribute(_MI, mac, padding)
     if integrity_sha256_key is not None:
         end = HEADER_LENGTH + len(body) + 4 + sha256_length

@@ -207,9 +207,7 @@ class BindingResponder:
         if message.method != Method.BINDING:
             raise _Refuse(400, "unsupported method")
         if message.unknown_required:
-            raise _Refuse(
-                420, "unknown attribute", (UnknownAttributes(message.unknown_required),)
-            )
+            raise _Refuse(420, "unknown attribute", (UnknownAttributes(message.unknown_required),))
         change = message.get(ChangeRequest)
         response_port = message.get(ResponsePort)
         padding = message.get(Padding)

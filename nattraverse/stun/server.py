@@ -264,7 +264,10 @@ class StunServer(Service):
         protocol = StunDatagramProtocol(self, key)
         if self.fast_path and IReactorFDSet.providedBy(self.reactor):
             listening: Any = FastStunPort(
-                port, protocol, enabled=self._fast_enabled, interface=interface,
+                port,
+                protocol,
+                enabled=self._fast_enabled,
+                interface=interface,
                 reactor=self.reactor,
             )
             listening.startListening()
@@ -310,4 +313,3 @@ class StunServer(Service):
             stream.transport.abortConnection()  # type: ignore[union-attr]
         results = [defer.maybeDeferred(p.stopListening) for p in ports]
         return defer.gatherResults(results).addCallback(lambda _: None)
-
