@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import errno
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -56,8 +57,10 @@ BATCHES_PER_WAKEUP = 16
 #: datagrams are truncated by the kernel, counted and dropped: no STUN
 #: request a server answers is that long.
 OVERFLOW = 2048
-#: Largest datagram read by the plain (non-batched) receive loop.
+#: Largest datagram read one at a time.
 MAX_DATAGRAM = 65535
+#: Datagrams read one at a time per wake-up before switching to batches.
+SINGLE_READS = 8
 #: Receive buffer asked for, so that bursts are not dropped (capped by
 #: net.core.rmem_max).
 RECEIVE_BUFFER = 4 << 20
@@ -67,6 +70,9 @@ _MMSG = 64  # sizeof(struct mmsghdr) on LP64 Linux
 _MSG_DONTWAIT = 0x40
 _MSG_TRUNC = 0x20
 _PLAIN_HEAD = b"\x00\x01\x00\x00"  # Binding request, no attributes
+_PLAIN_PREFIX = _PLAIN_HEAD + MAGIC_COOKIE_BYTES
+_COOKIE = int.from_bytes(MAGIC_COOKIE_BYTES, "big")
+_ADDRESS_VALUE = struct.Struct("!HI")  # XOR-MAPPED-ADDRESS port and IPv4 address
 _COOKIE_NATIVE = int.from_bytes(MAGIC_COOKIE_BYTES, sys.byteorder)
 _XMA_MASK = bytes.fromhex("020121122112a442") + bytes(_NAME - 8)
 _CONSTANTS = b"\x01\x01\x00\x0c\x00\x20\x00\x08"
@@ -181,6 +187,19 @@ class _Batch:
         self.want_cookies = _words(_COOKIE_NATIVE, BATCH)
         self.want_head = memoryview(_PLAIN_HEAD * BATCH)
         self.masks = [int.from_bytes(_XMA_MASK * n, "little") for n in range(BATCH + 1)]
+        # For single reads: a receive buffer that holds any datagram, and an
+        # answer whose transaction id and address value are filled in.
+        self.single = bytearray(MAX_DATAGRAM)
+        self.single_view = memoryview(self.single)
+        self.answer = bytearray(
+            _CONSTANTS[:4]
+            + MAGIC_COOKIE_BYTES
+            + bytes(12)
+            + _CONSTANTS[4:]
+            + b"\x00\x01"
+            + bytes(6)
+        )
+        self.answer_id = memoryview(self.answer)[8:20]
 
 
 class FastStunPort(udp.Port):
@@ -237,6 +256,52 @@ class FastStunPort(udp.Port):
         if batch is None or _MMSG_CALLS is None:
             super().doRead()  # type: ignore[no-untyped-call]
             return
+        if self._read_singly(batch):
+            self._read_batches(batch)
+
+    def _read_singly(self, batch: _Batch) -> bool:
+        """
+        Answer up to :data:`SINGLE_READS` datagrams one by one: under light
+        load that is all there is, and plain calls cost less than a batch.
+        Return whether more may be waiting.
+        """
+        sock = self.socket
+        buffer, view = batch.single, batch.single_view
+        head, transaction_id = view[:8], view[8:20]
+        answer, answer_id = batch.answer, batch.answer_id
+        pack_into = _ADDRESS_VALUE.pack_into
+        for _ in range(SINGLE_READS):
+            try:
+                length, source = sock.recvfrom_into(buffer)
+            except BlockingIOError:
+                return False
+            except (InterruptedError, ConnectionRefusedError):
+                # Interrupted, or an ICMP error for an earlier answer.
+                continue
+            except OSError as e:
+                _log.warn("STUN socket read failed: {error}", error=e)
+                return False
+            if length == 20 and head == _PLAIN_PREFIX:
+                host, port = source
+                answer_id[:] = transaction_id
+                pack_into(
+                    answer, 26, port ^ 0x2112, int.from_bytes(socket.inet_aton(host)) ^ _COOKIE
+                )
+                try:
+                    sock.sendto(answer, source)
+                    self.fast_answers += 1
+                except OSError:
+                    self.send_errors += 1
+                continue
+            try:
+                self.protocol.datagramReceived(bytes(view[:length]), source)
+            except Exception:
+                _log.failure("STUN datagram handler failed")
+        return True
+
+    def _read_batches(self, batch: _Batch) -> None:
+        """Answer whole batches until the socket is empty, or for a while."""
+        assert _MMSG_CALLS is not None
         recvmmsg = _MMSG_CALLS[0]
         fd = self.socket.fileno()
         lengths, cookies, head = batch.lengths, batch.cookies, batch.head

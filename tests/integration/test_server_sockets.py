@@ -456,38 +456,52 @@ def udp_socket(host: str = LOCALHOST) -> Iterator[tuple[socket.socket, Endpoint]
         yield sock, Endpoint(address[0], address[1])
 
 
+#: How many datagrams to queue ahead so that the next ones land in a batch
+#: (the port reads this many one at a time first), or none for the single
+#: reads themselves.
+LEADS = pytest.mark.parametrize("lead", [0, fastpath.SINGLE_READS], ids=["single", "batched"])
+
+
+def fillers(count: int) -> list[bytes]:
+    """*count* plain Binding requests with ids that no test uses otherwise."""
+    return [plain_request(b"\xfe" + i.to_bytes(11, "big")) for i in range(count)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
-    txid=st.binary(min_size=12, max_size=12),
+    lead=st.sampled_from([0, fastpath.SINGLE_READS]),
+    txid=st.binary(min_size=12, max_size=12).filter(lambda t: t[0] != 0xFE),
     host=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(1, 254)).map(
         lambda t: f"127.{t[0]}.{t[1]}.{t[2]}"
     ),
 )
-def test_fast_answer_equals_responder(txid: bytes, host: str) -> None:
-    """The batch loop's answer is byte for byte the responder's, for any id and source."""
+def test_fast_answer_equals_responder(lead: int, txid: bytes, host: str) -> None:
+    """The fast path's answer is byte for byte the responder's, for any id and source."""
     require_batching()
+    requests = [*fillers(lead), plain_request(txid)]
     with manual_port(Collector()) as (port, server), udp_socket(host) as (client, source):
-        client.sendto(plain_request(txid), server)
-        pump(port, lambda: port.fast_answers == 1)
-        answer, sender = client.recvfrom(100)
-    expected = BindingResponder().respond(plain_request(txid), source)
-    assert expected is not None
-    assert answer == expected.payload
-    assert sender == server
+        for data in requests:
+            client.sendto(data, server)
+        pump(port, lambda: port.fast_answers == len(requests))
+        answers = [client.recvfrom(100) for _ in requests]
+    expected = [responder_answer(data[8:20], source) for data in requests]
+    assert sorted(answer for answer, _ in answers) == sorted(expected)
+    assert {sender for _, sender in answers} == {server}
 
 
-def test_fast_port_mixed_batch() -> None:
-    """In a batch that mixes datagrams, plain requests are answered and the rest handed over."""
+@LEADS
+def test_fast_port_mixed_datagrams(lead: int) -> None:
+    """Among mixed datagrams, plain requests are answered and the rest handed over."""
     require_batching()
     collector = Collector()
     with_fingerprint = encode(Method.BINDING, MessageClass.REQUEST, bytes(12), fingerprint=True)
     first, second = b"\x01" * 12, b"\x02" * 12
     datagrams = [plain_request(first), b"\x80not stun", with_fingerprint, plain_request(second)]
     with manual_port(collector) as (port, server), udp_socket() as (client, source):
-        for data in datagrams:
+        for data in [*fillers(lead), *datagrams]:
             client.sendto(data, server)
-        pump(port, lambda: port.fast_answers == 2 and len(collector.received) == 2)
-        answers = [client.recvfrom(100)[0] for _ in range(2)]
+        pump(port, lambda: port.fast_answers == lead + 2 and len(collector.received) == 2)
+        answers = [client.recvfrom(100)[0] for _ in range(lead + 2)][lead:]
     assert answers == [
         responder_answer(first, source),
         responder_answer(second, source),
@@ -498,7 +512,7 @@ def test_fast_port_mixed_batch() -> None:
 def test_fast_port_more_than_a_batch() -> None:
     """More plain requests than one batch holds are all answered."""
     require_batching()
-    txids = [i.to_bytes(12, "big") for i in range(fastpath.BATCH + 4)]
+    txids = [i.to_bytes(12, "big") for i in range(fastpath.SINGLE_READS + fastpath.BATCH + 4)]
     with manual_port(Collector()) as (port, server), udp_socket() as (client, _):
         for txid in txids:
             client.sendto(plain_request(txid), server)
@@ -507,12 +521,26 @@ def test_fast_port_more_than_a_batch() -> None:
     assert answered == set(txids)
 
 
-def test_fast_port_drops_oversized_datagram() -> None:
+def test_fast_port_long_datagram_read_singly_is_handed_over() -> None:
+    """A long datagram read on its own reaches the protocol whole."""
+    require_batching()
+    collector = Collector()
+    long_datagram = b"\x00\x01" + bytes(3000)
+    with manual_port(collector) as (port, server), udp_socket() as (client, source):
+        client.sendto(long_datagram, server)
+        pump(port, lambda: len(collector.received) == 1)
+    assert collector.received == [(long_datagram, source)]
+    assert port.dropped_truncated == 0
+
+
+def test_fast_port_drops_oversized_datagram_in_batch() -> None:
     """A datagram too long for the batch buffers is dropped and counted, not handed over."""
     require_batching()
     collector = Collector()
     with manual_port(collector) as (port, server), udp_socket() as (client, _):
-        client.sendto(b"\x00\x01" + bytes(3000), server)
+        for data in fillers(fastpath.SINGLE_READS):
+            client.sendto(data, server)
+        client.sendto(b"\x00\x01" + bytes(fastpath.OVERFLOW + 100), server)
         pump(port, lambda: port.dropped_truncated == 1)
     assert collector.received == []
 
