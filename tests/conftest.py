@@ -30,6 +30,7 @@ DEBIAN_PACKAGES = {
     "stund": "stun-server",
     "socat": "socat",
     "nft": "nftables",
+    "iptables-restore": "iptables",
     "ip": "iproute2",
     "gcc": "gcc",
     "unshare": "util-linux",

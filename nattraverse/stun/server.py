@@ -250,7 +250,10 @@ class StunServer(Service):
                 Endpoint(self.interface, primary_port), Endpoint(self.alt_address, alt_port)
             )
         if self.tcp:
-            assert IReactorTCP.providedBy(self.reactor)
+            if not IReactorTCP.providedBy(self.reactor):
+                raise TypeError(
+                    "StunServer(tcp=True) needs a reactor providing IReactorTCP; pass tcp=False"
+                )
             self._tcp = self.reactor.listenTCP(
                 primary_port, _StunStreamFactory(self), interface=self.interface
             )
@@ -272,7 +275,8 @@ class StunServer(Service):
             )
             listening.startListening()
         else:
-            assert IReactorUDP.providedBy(self.reactor)
+            if not IReactorUDP.providedBy(self.reactor):
+                raise TypeError("StunServer needs a reactor providing IReactorUDP")
             listening = self.reactor.listenUDP(
                 port, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM
             )
