@@ -1,9 +1,12 @@
 """
-Small frozen value types shared by every layer.
+Small frozen value types shared by every layer: transport addresses and
+the RFC 4787 NAT behaviours that discovery reports and the simulated NATs
+of :mod:`nattraverse.testing` implement.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from typing import NamedTuple
 
@@ -55,3 +58,33 @@ class Endpoint(NamedTuple):
         except ValueError:
             raise ValueError(f"{text!r} is not an IP address") from None
         return cls(str(address), port)
+
+
+class Mapping(enum.Enum):
+    """
+    How a NAT reuses a mapping (RFC 4787 section 4.1): for which outbound
+    packets from one internal endpoint ``X:x`` it keeps the same external
+    endpoint ``X':x'``.  The values are the RFC 5780 names.
+    """
+
+    #: The same mapping for every destination (REQ-1 asks for this).
+    ENDPOINT_INDEPENDENT = "endpoint-independent"
+    #: The same mapping while the destination IP address is the same.
+    ADDRESS_DEPENDENT = "address-dependent"
+    #: The same mapping only for the same destination address and port
+    #: (what "symmetric NAT" means).
+    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
+
+
+class Filtering(enum.Enum):
+    """
+    Which inbound packets a NAT lets through an existing mapping (RFC 4787
+    section 5).  The values are the RFC 5780 names.
+    """
+
+    #: Any source may use the mapping ("full cone").
+    ENDPOINT_INDEPENDENT = "endpoint-independent"
+    #: Only IP addresses the internal endpoint has sent to ("restricted cone").
+    ADDRESS_DEPENDENT = "address-dependent"
+    #: Only the exact address and port sent to ("port-restricted cone").
+    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"

@@ -2,9 +2,9 @@
 Exceptions raised by nattraverse.
 
 Every exception derives from :class:`NatTraverseError`.  Subclasses are split
-by meaning (decoding, integrity, timeouts) and, for STUN error responses, by
-wire code (RFC 8489 section 14.8), so that callers can catch exactly what they
-can handle.
+by meaning (decoding, integrity, timeouts, NAT discovery) and, for STUN error
+responses, by wire code (RFC 8489 section 14.8), so that callers can catch
+exactly what they can handle.
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ from typing import ClassVar
 class NatTraverseError(Exception):
     """
     Base class of every exception raised by nattraverse.
+    """
+
+
+class DiscoveryError(NatTraverseError):
+    """
+    NAT behaviour discovery could not run: no local UDP socket could be
+    opened, the server could not be sent to, or it answered the first
+    Binding request with an error or without a mapped address.  The message
+    says which; check the local interface address, or use another STUN
+    server.  (A server that does not answer at all is not an error: the
+    report then says UDP is blocked.)
     """
 
 

@@ -30,8 +30,9 @@ from twisted.internet.task import react
 from nattraverse._types import Endpoint
 from nattraverse.discovery import (
     AllocationPattern,
-    Behaviour,
     DiscoveryError,
+    Filtering,
+    Mapping,
     NatReport,
     discover,
 )
@@ -58,23 +59,23 @@ EXIT_USAGE = 2
 DEFAULT_PORT = 3478
 
 _MAPPING = {
-    Behaviour.ENDPOINT_INDEPENDENT: (
+    Mapping.ENDPOINT_INDEPENDENT: (
         "one external address for every destination, so peers see what STUN reports"
     ),
-    Behaviour.ADDRESS_DEPENDENT: (
+    Mapping.ADDRESS_DEPENDENT: (
         "a new external address per destination IP, so peers do not see what STUN reports"
     ),
-    Behaviour.ADDRESS_AND_PORT_DEPENDENT: (
+    Mapping.ADDRESS_AND_PORT_DEPENDENT: (
         "a new external address per destination (symmetric NAT), so peers do not see what "
         "STUN reports; punching needs port prediction or a relay"
     ),
 }
 _FILTERING = {
-    Behaviour.ENDPOINT_INDEPENDENT: "anyone may send to an external address once it exists",
-    Behaviour.ADDRESS_DEPENDENT: (
+    Filtering.ENDPOINT_INDEPENDENT: "anyone may send to an external address once it exists",
+    Filtering.ADDRESS_DEPENDENT: (
         "only IP addresses this host has sent to get in: both peers must send first"
     ),
-    Behaviour.ADDRESS_AND_PORT_DEPENDENT: (
+    Filtering.ADDRESS_AND_PORT_DEPENDENT: (
         "only the exact addresses and ports this host has sent to get in: both peers must "
         "send first"
     ),

@@ -10,17 +10,19 @@ connectivity and for the ``natcheck`` command (:doc:`/natcheck`)::
     print(json.dumps(report.to_json()))
 
 :func:`discover` runs the tests; :class:`NatReport` holds what they found,
-``None`` wherever they could not tell.  The rules that turn probe results
+``None`` wherever they could not tell.  Its mapping and filtering are
+``Mapping`` and ``Filtering`` values, the same classes the simulated NATs of
+:mod:`nattraverse.testing` take.  The rules that turn probe results
 into findings are pure functions (:func:`classify_mapping`,
 :func:`classify_filtering`, :func:`classify_allocation`,
 :func:`rfc3489_type`), usable without a reactor.
 """
 
+from nattraverse._types import Filtering, Mapping
 from nattraverse.discovery._probes import LIFETIME_STEPS, discover
 from nattraverse.discovery._report import (
     Allocation,
     AllocationPattern,
-    Behaviour,
     BindingLifetime,
     FilterProbe,
     NatReport,
@@ -30,16 +32,17 @@ from nattraverse.discovery._report import (
     classify_mapping,
     rfc3489_type,
 )
-from nattraverse.discovery._session import DiscoveryError
+from nattraverse.errors import DiscoveryError
 
 __all__ = [
     "LIFETIME_STEPS",
     "Allocation",
     "AllocationPattern",
-    "Behaviour",
     "BindingLifetime",
     "DiscoveryError",
     "FilterProbe",
+    "Filtering",
+    "Mapping",
     "NatReport",
     "Rfc3489Type",
     "classify_allocation",

@@ -21,9 +21,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from nattraverse._types import Endpoint
+from nattraverse._types import Endpoint, Filtering
 from nattraverse.discovery._report import (
-    Behaviour,
     BindingLifetime,
     FilterProbe,
     NatReport,
@@ -31,13 +30,8 @@ from nattraverse.discovery._report import (
     classify_filtering,
     classify_mapping,
 )
-from nattraverse.discovery._session import (
-    DiscoveryError,
-    ProbeSocket,
-    Session,
-    Transaction,
-)
-from nattraverse.errors import StunError
+from nattraverse.discovery._session import ProbeSocket, Session, Transaction
+from nattraverse.errors import DiscoveryError, StunError
 from nattraverse.stun.attributes import ChangeRequest, ResponsePort
 from nattraverse.stun.client import match_key
 from nattraverse.stun.constants import MessageClass, Method
@@ -255,7 +249,7 @@ class _Discovery(Session):
         *,
         other_reaches_us: bool,
         other_port_reaches_us: bool,
-    ) -> Behaviour | None:
+    ) -> Filtering | None:
         """
         Filtering from the CHANGE-REQUEST probes.  A response counts only
         when it came from exactly the address asked for: a server that

@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nattraverse._types import Endpoint
+from nattraverse._types import Endpoint, Filtering, Mapping
 
 __all__ = [
     "Allocation",
     "AllocationPattern",
-    "Behaviour",
     "BindingLifetime",
     "FilterProbe",
     "NatReport",
@@ -38,17 +37,6 @@ MAX_SEQUENTIAL_STEP = 64
 #: A delta of up to this many steps is taken as a sequential NAT that gave
 #: the ports in between to other traffic.
 MAX_GAP_STEPS = 4
-
-
-class Behaviour(enum.Enum):
-    """
-    A mapping or filtering behaviour (RFC 4787 sections 4.1 and 5), by its
-    RFC 5780 name.
-    """
-
-    ENDPOINT_INDEPENDENT = "endpoint-independent"
-    ADDRESS_DEPENDENT = "address-dependent"
-    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
 
 
 class AllocationPattern(enum.Enum):
@@ -165,8 +153,8 @@ class NatReport:
     """
 
     udp: Literal["ok", "blocked"]
-    mapping: Behaviour | None = None
-    filtering: Behaviour | None = None
+    mapping: Mapping | None = None
+    filtering: Filtering | None = None
     hairpin: bool | None = None
     port_preservation: bool | None = None
     allocation: Allocation = Allocation()
@@ -212,7 +200,7 @@ def classify_mapping(
     other_ip: Endpoint | None,
     other_both: Endpoint | None,
     other_port: Endpoint | None = None,
-) -> Behaviour | None:
+) -> Mapping | None:
     """
     Mapping behaviour from the external addresses one socket got (RFC 5780
     section 4.3).
@@ -229,12 +217,12 @@ def classify_mapping(
     if other_port is not None and other_port != first:
         # Same IP, another port, another mapping: port-dependent however
         # the other tests came out.
-        return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        return Mapping.ADDRESS_AND_PORT_DEPENDENT
     if other_ip == first and other_both == first:
-        return Behaviour.ENDPOINT_INDEPENDENT
+        return Mapping.ENDPOINT_INDEPENDENT
     if other_both == other_ip:
-        return Behaviour.ADDRESS_DEPENDENT
-    return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+        return Mapping.ADDRESS_DEPENDENT
+    return Mapping.ADDRESS_AND_PORT_DEPENDENT
 
 
 def classify_filtering(
@@ -242,7 +230,7 @@ def classify_filtering(
     change_port: FilterProbe,
     other_reaches_us: bool,
     other_port_reaches_us: bool,
-) -> Behaviour | None:
+) -> Filtering | None:
     """
     Filtering behaviour from two CHANGE-REQUEST probes, each sent from a
     fresh socket (RFC 5780 section 4.4).
@@ -261,14 +249,14 @@ def classify_filtering(
         answered a request sent to it directly.
     """
     if change_both is FilterProbe.ANSWERED:
-        return Behaviour.ENDPOINT_INDEPENDENT
+        return Filtering.ENDPOINT_INDEPENDENT
     if change_both is FilterProbe.INVALID or not other_reaches_us:
         return None
     if change_port is FilterProbe.ANSWERED:
-        return Behaviour.ADDRESS_DEPENDENT
+        return Filtering.ADDRESS_DEPENDENT
     if change_port is FilterProbe.INVALID or not other_port_reaches_us:
         return None
-    return Behaviour.ADDRESS_AND_PORT_DEPENDENT
+    return Filtering.ADDRESS_AND_PORT_DEPENDENT
 
 
 def _signed_delta(a: int, b: int) -> int:
@@ -335,7 +323,7 @@ def classify_allocation(mappings: Sequence[tuple[int, Endpoint] | None]) -> Allo
 
 
 def rfc3489_type(
-    udp: bool, nat: bool | None, mapping: Behaviour | None, filtering: Behaviour | None
+    udp: bool, nat: bool | None, mapping: Mapping | None, filtering: Filtering | None
 ) -> Rfc3489Type:
     """
     The RFC 3489 name of RFC 4787 behaviours, for display only.
@@ -348,13 +336,13 @@ def rfc3489_type(
     """
     if not udp:
         return Rfc3489Type.BLOCKED
-    eif = filtering is Behaviour.ENDPOINT_INDEPENDENT
+    eif = filtering is Filtering.ENDPOINT_INDEPENDENT
     if nat is False:
         return Rfc3489Type.OPEN if eif else Rfc3489Type.SYMMETRIC_UDP_FIREWALL
-    if mapping is not Behaviour.ENDPOINT_INDEPENDENT:
+    if mapping is not Mapping.ENDPOINT_INDEPENDENT:
         return Rfc3489Type.SYMMETRIC
     if eif:
         return Rfc3489Type.FULL_CONE
-    if filtering is Behaviour.ADDRESS_DEPENDENT:
+    if filtering is Filtering.ADDRESS_DEPENDENT:
         return Rfc3489Type.RESTRICTED_CONE
     return Rfc3489Type.PORT_RESTRICTED_CONE

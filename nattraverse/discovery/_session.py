@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
-from nattraverse.errors import NatTraverseError, StunTimeout, StunTransactionCancelled
+from nattraverse.errors import DiscoveryError, StunTimeout, StunTransactionCancelled
 from nattraverse.stun.attributes import Attribute
 from nattraverse.stun.client import match_key
 from nattraverse.stun.constants import TRANSACTION_ID_LENGTH
@@ -36,7 +36,7 @@ from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.message import is_stun
 from nattraverse.stun.transaction import StunResponse
 
-__all__ = ["DiscoveryError", "Outcome", "ProbeSocket", "Session", "Transaction"]
+__all__ = ["Outcome", "ProbeSocket", "Session", "Transaction"]
 
 _log = Logger()
 
@@ -49,16 +49,6 @@ Outcome = StunResponse | BaseException | None
 
 #: Times a probe whose silence is the finding is sent within its wait.
 PROBE_SENDS = 4
-
-
-class DiscoveryError(NatTraverseError):
-    """
-    NAT behaviour discovery could not run: no local UDP socket could be
-    opened, the server could not be sent to, or it answered the first
-    Binding request with an error or without a mapped address.  (A server
-    that does not answer at all is not an error: the report then says UDP
-    is blocked.)
-    """
 
 
 class ProbeSocket(StunDemultiplexer):

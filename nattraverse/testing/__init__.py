@@ -23,7 +23,8 @@ Links may delay, jitter, drop, duplicate and reorder packets
 network's *seed*, so every run is the same.
 """
 
-from nattraverse.testing._behaviour import PRESETS, Allocation, Filtering, Mapping, NatBehaviour
+from nattraverse._types import Filtering, Mapping
+from nattraverse.testing._behaviour import PRESETS, Allocation, NatBehaviour
 from nattraverse.testing._host import SimulatedHost, SimulatedReactor, SimulatedUDPPort
 from nattraverse.testing._link import Link
 from nattraverse.testing._nat import SimulatedNAT

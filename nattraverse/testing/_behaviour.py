@@ -1,6 +1,7 @@
 """
-What a simulated NAT does: the RFC 4787 behaviours as values, and the
-presets that mirror the real namespace lab.
+What a simulated NAT does: the RFC 4787 behaviours as values (mapping and
+filtering are the project's shared values from :mod:`nattraverse._types`),
+and the presets that mirror the real namespace lab.
 """
 
 from __future__ import annotations
@@ -10,35 +11,7 @@ from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
 
-
-class Mapping(enum.Enum):
-    """
-    How a NAT reuses a mapping (RFC 4787 section 4.1): for which outbound
-    packets from one internal endpoint ``X:x`` it keeps the same external
-    endpoint ``X':x'``.
-    """
-
-    #: The same mapping for every destination (REQ-1 asks for this).
-    ENDPOINT_INDEPENDENT = "endpoint-independent"
-    #: The same mapping while the destination IP address is the same.
-    ADDRESS_DEPENDENT = "address-dependent"
-    #: The same mapping only for the same destination address and port
-    #: (what "symmetric NAT" means).
-    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
-
-
-class Filtering(enum.Enum):
-    """
-    Which inbound packets a NAT lets through an existing mapping (RFC 4787
-    section 5).
-    """
-
-    #: Any source may use the mapping ("full cone").
-    ENDPOINT_INDEPENDENT = "endpoint-independent"
-    #: Only IP addresses the internal endpoint has sent to ("restricted cone").
-    ADDRESS_DEPENDENT = "address-dependent"
-    #: Only the exact address and port sent to ("port-restricted cone").
-    ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
+from nattraverse._types import Filtering, Mapping
 
 
 class Allocation(enum.Enum):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from nattraverse.testing._behaviour import Filtering, NatBehaviour
+from nattraverse._types import Filtering
+from nattraverse.testing._behaviour import NatBehaviour
 from nattraverse.testing._link import Link
 from nattraverse.testing._realm import AddressPool, Attachment, Packet, Realm
 from nattraverse.testing._table import MappingTable, NatMapping, NatStats

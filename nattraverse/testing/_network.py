@@ -15,14 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from nattraverse._types import Endpoint
-from nattraverse.testing._behaviour import (
-    Allocation,
-    Filtering,
-    Mapping,
-    NatBehaviour,
-    behaviour_for,
-)
+from nattraverse._types import Endpoint, Filtering, Mapping
+from nattraverse.testing._behaviour import Allocation, NatBehaviour, behaviour_for
 from nattraverse.testing._host import SimulatedHost
 from nattraverse.testing._link import PERFECT, Link, cross
 from nattraverse.testing._nat import SimulatedNAT

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from random import Random
 
-from nattraverse._types import Endpoint
-from nattraverse.testing._behaviour import Allocation, Filtering, Mapping, NatBehaviour
+from nattraverse._types import Endpoint, Filtering, Mapping
+from nattraverse.testing._behaviour import Allocation, NatBehaviour
 
 #: Random picks tried before looking for a free port one by one.
 _RANDOM_TRIES = 32

@@ -26,7 +26,8 @@ from nattraverse._types import Endpoint
 from nattraverse.discovery import (
     Allocation,
     AllocationPattern,
-    Behaviour,
+    Filtering,
+    Mapping,
     Rfc3489Type,
     discover,
 )
@@ -110,8 +111,8 @@ async def test_discover_open_host(reactor: Any, rfc5780_server: Endpoint) -> Non
     report = await discover(reactor, rfc5780_server, local_interface=LOCALHOST)
     assert report.udp == "ok"
     assert report.nat is False
-    assert report.mapping is Behaviour.ENDPOINT_INDEPENDENT
-    assert report.filtering is Behaviour.ENDPOINT_INDEPENDENT
+    assert report.mapping is Mapping.ENDPOINT_INDEPENDENT
+    assert report.filtering is Filtering.ENDPOINT_INDEPENDENT
     assert report.port_preservation is True
     assert report.allocation == Allocation(AllocationPattern.PRESERVED)
     assert report.hairpin is True

@@ -15,14 +15,16 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import DatagramProtocol
 
+from nattraverse import errors, testing
 from nattraverse._types import Endpoint
 from nattraverse.discovery import (
     Allocation,
     AllocationPattern,
-    Behaviour,
     BindingLifetime,
     DiscoveryError,
+    Filtering,
     FilterProbe,
+    Mapping,
     NatReport,
     Rfc3489Type,
     classify_allocation,
@@ -43,9 +45,12 @@ from nattraverse.stun.responder import (
 from nattraverse.stun.server import StunServer
 from nattraverse.testing import Link, Network, SimulatedHost
 
-EIM = EIF = Behaviour.ENDPOINT_INDEPENDENT
-ADM = ADF = Behaviour.ADDRESS_DEPENDENT
-APDM = APDF = Behaviour.ADDRESS_AND_PORT_DEPENDENT
+EIM = Mapping.ENDPOINT_INDEPENDENT
+ADM = Mapping.ADDRESS_DEPENDENT
+APDM = Mapping.ADDRESS_AND_PORT_DEPENDENT
+EIF = Filtering.ENDPOINT_INDEPENDENT
+ADF = Filtering.ADDRESS_DEPENDENT
+APDF = Filtering.ADDRESS_AND_PORT_DEPENDENT
 ANSWERED, SILENT, INVALID = FilterProbe.ANSWERED, FilterProbe.SILENT, FilterProbe.INVALID
 
 PRIMARY_IP = "192.0.2.10"
@@ -92,7 +97,7 @@ def test_classify_mapping(
     other_ip: Endpoint | None,
     other_both: Endpoint | None,
     other_port: Endpoint | None,
-    expected: Behaviour | None,
+    expected: Mapping | None,
 ) -> None:
     """Mapping follows RFC 5780 section 4.3 from the mapped addresses."""
     assert classify_mapping(M1, other_ip, other_both, other_port) is expected
@@ -119,7 +124,7 @@ def test_classify_filtering(
     port: FilterProbe,
     other_ok: bool,
     other_port_ok: bool,
-    expected: Behaviour | None,
+    expected: Filtering | None,
 ) -> None:
     """Filtering follows RFC 5780 section 4.4, and silence needs evidence."""
     assert classify_filtering(both, port, other_ok, other_port_ok) is expected
@@ -224,8 +229,8 @@ def test_classify_allocation(
 def test_rfc3489_type(
     udp: bool,
     nat: bool | None,
-    mapping: Behaviour | None,
-    filtering: Behaviour | None,
+    mapping: Mapping | None,
+    filtering: Filtering | None,
     expected: Rfc3489Type,
 ) -> None:
     """The classic name never promises more than was seen."""
@@ -283,6 +288,14 @@ def test_report_json_lifetime(lifetime: BindingLifetime, expected: object) -> No
     out = NatReport("ok", lifetime=lifetime).to_json()
     assert set(out) == JSON_KEYS | {"lifetime"}
     assert out["lifetime"] == expected
+
+
+def test_shared_values() -> None:
+    """The report speaks the simulated NATs' behaviour values, and its error
+    is the one in nattraverse.errors."""
+    assert (Mapping, Filtering) == (testing.Mapping, testing.Filtering)
+    assert DiscoveryError is errors.DiscoveryError
+    assert issubclass(DiscoveryError, errors.NatTraverseError)
 
 
 # -- arguments ---------------------------------------------------------------------

@@ -18,18 +18,22 @@ from nattraverse._types import Endpoint
 from nattraverse.discovery import (
     Allocation,
     AllocationPattern,
-    Behaviour,
+    Filtering,
+    Mapping,
     NatReport,
     Rfc3489Type,
     discover,
 )
 from nattraverse.stun.server import StunServer
-from nattraverse.testing import PRESETS, Link, Mapping, Network, SimulatedHost
+from nattraverse.testing import PRESETS, Link, Network, SimulatedHost
 from nattraverse.testing import Allocation as SimAllocation
 
-EIM = EIF = Behaviour.ENDPOINT_INDEPENDENT
-ADM = ADF = Behaviour.ADDRESS_DEPENDENT
-APDM = APDF = Behaviour.ADDRESS_AND_PORT_DEPENDENT
+EIM = Mapping.ENDPOINT_INDEPENDENT
+ADM = Mapping.ADDRESS_DEPENDENT
+APDM = Mapping.ADDRESS_AND_PORT_DEPENDENT
+EIF = Filtering.ENDPOINT_INDEPENDENT
+ADF = Filtering.ADDRESS_DEPENDENT
+APDF = Filtering.ADDRESS_AND_PORT_DEPENDENT
 PRESERVED = Allocation(AllocationPattern.PRESERVED)
 
 SERVER = Endpoint("192.0.2.10", 3478)
@@ -45,8 +49,8 @@ BUDGET = 3.0
 class Expected:
     udp: str = "ok"
     nat: bool | None = True
-    mapping: Behaviour | None = EIM
-    filtering: Behaviour | None = APDF
+    mapping: Mapping | None = EIM
+    filtering: Filtering | None = APDF
     hairpin: bool | None = False
     port_preservation: bool | None = True
     allocation: Allocation = PRESERVED

@@ -18,8 +18,9 @@ from nattraverse._types import Endpoint
 from nattraverse.discovery import (
     Allocation,
     AllocationPattern,
-    Behaviour,
     BindingLifetime,
+    Filtering,
+    Mapping,
     NatReport,
 )
 from nattraverse.natcheck import (
@@ -140,8 +141,8 @@ def test_unresolvable_name_exits_1(
 
 def open_report(**changes: Any) -> NatReport:
     fields: dict[str, Any] = {
-        "mapping": Behaviour.ENDPOINT_INDEPENDENT,
-        "filtering": Behaviour.ENDPOINT_INDEPENDENT,
+        "mapping": Mapping.ENDPOINT_INDEPENDENT,
+        "filtering": Filtering.ENDPOINT_INDEPENDENT,
         "hairpin": True,
         "port_preservation": True,
         "allocation": Allocation(AllocationPattern.PRESERVED),
@@ -178,8 +179,8 @@ def test_format_symmetric() -> None:
     text = format_report(
         open_report(
             nat=True,
-            mapping=Behaviour.ADDRESS_AND_PORT_DEPENDENT,
-            filtering=Behaviour.ADDRESS_AND_PORT_DEPENDENT,
+            mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT,
+            filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
             hairpin=False,
             port_preservation=False,
             allocation=Allocation(AllocationPattern.SEQUENTIAL, 2),
