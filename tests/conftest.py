@@ -26,6 +26,7 @@ MUST_RUN_IN_CI = ("lab", "interop")
 DEBIAN_PACKAGES = {
     "turnutils_stunclient": "coturn",
     "turnserver": "coturn",
+    "turnutils_natdiscovery": "coturn",
     "stun": "stun-client",
     "stund": "stun-server",
     "socat": "socat",
