@@ -187,3 +187,62 @@ def error_for_code(code: int, reason: str, response: object | None = None) -> St
     Build the exception matching a STUN error code.
     """
     return _BY_CODE.get(code, StunErrorResponse)(code, reason, response)
+
+
+class PeerAuthenticationFailed(NatTraverseError):
+    """
+    A peer did not prove that it holds the key of the peer id it claims, or
+    of the peer id it was expected to have: a signature over a challenge did
+    not verify, a public key was malformed or of the wrong type, or a
+    certificate's key does not hash to the pinned peer id.  Treat the other
+    side as a stranger: drop the path or the registration.  An unrelated host
+    reached at a private address fails this way too.
+
+    :ivar reason: What did not match, in words.
+    :ivar peer_id: The peer id that was expected, when there was one, else
+        ``None``.
+    """
+
+    def __init__(self, reason: str, peer_id: object | None = None) -> None:
+        if peer_id is None:
+            super().__init__(f"peer authentication failed: {reason}")
+        else:
+            super().__init__(f"peer {peer_id} failed authentication: {reason}")
+        self.reason = reason
+        self.peer_id = peer_id
+
+
+class IdentityError(NatTraverseError):
+    """
+    This peer's identity file could not be read, written or created: the
+    directory is missing or not writable, or the file is not a readable
+    regular file.  The message names the path and the system's reason.
+
+    :ivar path: The identity file's path.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"identity file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class IdentityFileInsecure(IdentityError):
+    """
+    The identity file holds a private key but other users may read or change
+    it (group or other permission bits are set), or it belongs to another
+    user.  Nothing is loaded from it.  Run ``chmod 600`` on it (and
+    ``chown`` it to the user who runs the peer); if others may already have
+    read it, delete it so that a new identity is made, and tell the peers
+    that pinned the old peer id.
+    """
+
+
+class IdentityFileInvalid(IdentityError):
+    """
+    The identity file is not a usable identity: it is damaged or truncated,
+    holds no private key or more than one, holds a key that is encrypted or
+    not ECDSA P-256, or a certificate that is not for its key.  Nothing is
+    loaded from it, and it is never overwritten.  Restore it from a backup,
+    or move it away to start over with a new peer id.
+    """
