@@ -288,33 +288,27 @@ def _drain(sock: socket.socket) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]:
     """A single-address server on 127.0.0.1 with a 1-second TCP idle timeout."""
-    rendezvous = start_rendezvous(
+    with start_rendezvous(
         tmp_path_factory.mktemp("abuse"),
         "--stun-interface", LOOPBACK,
         "--stun-port", "0",
         "--tcp-idle-timeout", str(IDLE_TIMEOUT),
-    )  # fmt: skip
-    try:
+    ) as rendezvous:  # fmt: skip
         yield rendezvous
-    finally:
-        rendezvous.stop()
 
 
 @pytest.fixture(scope="module")
 def server_rfc5780(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]:
     """An RFC 5780 server on 127.0.0.1 and 127.0.0.2: no fast path, every answer decoded."""
     require_loopback_address(ALT_LOOPBACK)
-    rendezvous = start_rendezvous(
+    with start_rendezvous(
         tmp_path_factory.mktemp("abuse-rfc5780"),
         "--stun-interface", LOOPBACK,
         "--stun-port", "0",
         "--alt-address", ALT_LOOPBACK,
         "--alt-port", "0",
-    )  # fmt: skip
-    try:
+    ) as rendezvous:  # fmt: skip
         yield rendezvous
-    finally:
-        rendezvous.stop()
 
 
 def assert_healthy(server: Rendezvous) -> None:

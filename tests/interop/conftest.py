@@ -27,32 +27,26 @@ from tests.interop.helpers import (
 @pytest.fixture(scope="module")
 def rendezvous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]:
     """``twistd natrendezvous`` on one address of 127.0.0.1 (no RFC 5780)."""
-    server = start_rendezvous(
+    with start_rendezvous(
         tmp_path_factory.mktemp("rendezvous"),
         "--stun-interface", LOOPBACK,
         "--stun-port", "0",
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def rendezvous_rfc5780(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]:
     """``twistd natrendezvous`` on 127.0.0.1 and 127.0.0.2, two ports each (RFC 5780)."""
     require_loopback_address(ALT_LOOPBACK)
-    server = start_rendezvous(
+    with start_rendezvous(
         tmp_path_factory.mktemp("rendezvous-rfc5780"),
         "--stun-interface", LOOPBACK,
         "--stun-port", "0",
         "--alt-address", ALT_LOOPBACK,
         "--alt-port", "0",
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -186,6 +186,12 @@ class Rendezvous:
         """Stop the server."""
         self.server.stop()
 
+    def __enter__(self) -> Rendezvous:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
 
 def start_rendezvous(directory: Path, *options: str, attempts: int = 3) -> Rendezvous:
     """
