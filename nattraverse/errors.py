@@ -246,3 +246,107 @@ class IdentityFileInvalid(IdentityError):
     loaded from it, and it is never overwritten.  Restore it from a backup,
     or move it away to start over with a new peer id.
     """
+
+
+# -- rendezvous, relay and traversal -----------------------------------------
+
+
+class RendezvousError(NatTraverseError):
+    """
+    The rendezvous refused a request or could not be used.  Subclasses say
+    why; each is carried over the wire as an AMP error with its own code
+    (see :mod:`nattraverse.rendezvous.commands`), so a client sees the same
+    class the server raised, with the server's message.
+    """
+
+
+class RendezvousUnavailable(RendezvousError):
+    """
+    The rendezvous could not be reached, or the connection to it was lost
+    while a request was pending.  Check the ``rendezvous=`` endpoint and
+    that ``twistd natrendezvous`` runs there; listening peers reconnect on
+    their own, with backoff.
+    """
+
+
+class InvalidRequest(RendezvousError):
+    """
+    A request to the rendezvous was malformed: a name, peer id, address or
+    list that is empty, too long or of the wrong form, or a command sent out
+    of order (for example before ``Authenticate``).  The message names the
+    field.
+    """
+
+
+class NotAuthenticated(RendezvousError):
+    """
+    A command that needs a proven identity came before a successful
+    ``Authenticate`` on this connection.
+    """
+
+
+class NameTaken(RendezvousError):
+    """
+    The name is registered, and its registration still lives, under another
+    peer id (another key).  Use another name, or the key that registered
+    it, or wait until that registration expires.
+    """
+
+
+class PeerNotFound(RendezvousError):
+    """
+    No live registration has this name or peer id, or the peer registered
+    but is not connected to the rendezvous now.  Check the spelling, and
+    that the peer is listening.
+    """
+
+
+class LimitExceeded(RendezvousError):
+    """
+    A cap of the rendezvous was reached: registrations in total or from
+    this address, pending introductions, concurrent relays.  Try again
+    later, or ask the operator to raise the limit (``twistd natrendezvous
+    --help`` lists them).
+    """
+
+
+class ReversalRefused(RendezvousError):
+    """
+    A connection-reversal request was refused: the session is not one of
+    this peer's introductions, or it asked to be called back at an address
+    other than the one the rendezvous observes it at (the callee dials the
+    requester's observed address and nothing else).
+    """
+
+
+class RelayRefused(RendezvousError):
+    """
+    The relay refused: the session is not an introduction between these two
+    peers, the token is unknown, expired or not this peer's, the relay is
+    off, or its concurrent-relay cap is reached.
+    """
+
+
+class PunchFailed(NatTraverseError):
+    """
+    No traversal method reached the peer.  :attr:`failures` maps each method
+    tried (``"direct"``, ``"reversal"``, ``"relay"``, ...) to the exception
+    that ended it; the message lists them all, so nothing fails silently.
+
+    :ivar peer: The peer asked for.
+    :ivar failures: Method name to the exception that ended that method.
+    """
+
+    def __init__(self, peer: str, failures: Mapping[str, BaseException]) -> None:
+        detail = "; ".join(f"{name}: {error}" for name, error in failures.items())
+        super().__init__(f"could not reach {peer}: {detail or 'no method was tried'}")
+        self.peer = peer
+        self.failures = dict(failures)
+
+
+class MethodNotApplicable(NatTraverseError):
+    """
+    A traversal method did not apply to this pair of peers (for example
+    direct TCP to a peer that announced no listening port, or relay on a
+    rendezvous with the relay off), so it was not attempted.
+    """
