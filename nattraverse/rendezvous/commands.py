@@ -159,7 +159,7 @@ class Refresh(amp.Command):
     """
 
     commandName = b"Refresh"
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
     response = [(b"ttl", amp.Float())]
     errors = _errors(PeerNotFound)
 
@@ -215,7 +215,7 @@ class Reverse(amp.Command):
         (b"host", amp.Unicode(optional=True)),
         (b"port", amp.Integer()),
     ]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = _errors(ReversalRefused, RendezvousUnavailable)
 
 
@@ -241,7 +241,7 @@ class RelayJoin(amp.ProtocolSwitchCommand):
 
     commandName = b"RelayJoin"
     arguments = [(b"token", amp.String())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = _errors(RelayRefused)
 
 
@@ -262,7 +262,7 @@ class Introduce(amp.Command):
         *_PEER_FIELDS,
         (b"methods", amp.ListOf(amp.Unicode())),
     ]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = _errors()
 
 
@@ -274,7 +274,7 @@ class DialBack(amp.Command):
 
     commandName = b"DialBack"
     arguments = [(b"session", amp.String()), (b"host", amp.Unicode()), (b"port", amp.Integer())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = _errors()
 
 
@@ -286,7 +286,7 @@ class RelayOffer(amp.Command):
 
     commandName = b"RelayOffer"
     arguments = [(b"session", amp.String()), (b"token", amp.String()), (b"lifetime", amp.Float())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = _errors()
 
 

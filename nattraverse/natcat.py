@@ -1,0 +1,427 @@
+"""
+``natcat``: netcat over nattraverse.
+
+Listen under a name at a rendezvous, or connect to a named peer, and pipe
+standard input and output through the traversed, authenticated connection::
+
+    natcat --listen alice --rendezvous tcp:rv.example.org:8478
+    natcat alice --rendezvous tcp:rv.example.org:8478 < file
+
+It is a thin shell over the ``punch:`` endpoints (:doc:`/endpoints`): the
+arguments become a ``punch:`` endpoint string, parsed by the same plugins an
+application uses.  ``--json-report`` writes one JSON object per connection
+to standard error, saying which method carried it.
+
+Exit status: 0 when the connection ended normally; 1 when it could not be
+made (the message lists every method tried and why it failed); 2 for bad
+usage.  See :doc:`/natcat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.stdio import StandardIO
+from twisted.internet.task import react
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "endpoint_string",
+    "main",
+    "run",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_log = Logger()
+
+
+def escape(description: str) -> str:
+    """
+    Escape an endpoint description for nesting as a value of another.
+    """
+    return description.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def default_identity(name: str) -> Path:
+    """
+    Where ``natcat --listen NAME`` keeps its key unless ``--identity`` is given.
+    """
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "nattraverse" / f"natcat-{name}.key"
+
+
+def endpoint_string(options: argparse.Namespace) -> str:
+    """
+    The ``punch:`` endpoint string the options describe.
+    """
+    parts = ["punch"]
+    if options.listen is not None:
+        parts.append(f"name={escape(options.listen)}")
+    else:
+        parts.append(f"peer={escape(options.peer)}")
+    parts.append(f"rendezvous={escape(options.rendezvous)}")
+    if options.identity is not None:
+        parts.append(f"identity={escape(str(options.identity))}")
+    if options.methods is not None:
+        parts.append(f"methods={escape(options.methods)}")
+    if options.timeout is not None and options.listen is None:
+        parts.append(f"timeout={options.timeout!r}")
+    if options.port is not None:
+        parts.append(f"port={options.port}")
+    if options.access_key_file is not None:
+        parts.append(f"accessKeyFile={escape(options.access_key_file)}")
+    return ":".join(parts)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 0 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The command line of ``natcat``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="natcat",
+        description=(
+            "netcat through NATs: connect to a named peer (or listen under a name) at a "
+            "nattraverse rendezvous, and pipe stdin/stdout through the authenticated, "
+            "encrypted connection."
+        ),
+    )
+    parser.add_argument("peer", nargs="?", help="name or peer id to connect to")
+    parser.add_argument("-l", "--listen", metavar="NAME", help="listen under NAME instead")
+    parser.add_argument(
+        "-r",
+        "--rendezvous",
+        required=True,
+        metavar="DESC",
+        help="client endpoint of the rendezvous, e.g. tcp:rv.example.org:8478",
+    )
+    parser.add_argument(
+        "--identity",
+        metavar="FILE",
+        help="key file (created on first use, mode 0600); connecting: a fresh key per run "
+        "by default; listening: natcat-NAME.key under $XDG_CONFIG_HOME/nattraverse",
+    )
+    parser.add_argument(
+        "--methods", metavar="LIST", help="comma list of methods, e.g. direct,reversal,relay"
+    )
+    parser.add_argument(
+        "--timeout", type=_seconds, help="seconds to connect at most (connecting only)"
+    )
+    parser.add_argument(
+        "--port", type=_port, help="TCP port for direct connections (listening only; 0: any)"
+    )
+    parser.add_argument(
+        "--access-key-file",
+        metavar="FILE",
+        help="file holding the rendezvous' access key (or set NATTRAVERSE_ACCESS_KEY)",
+    )
+    parser.add_argument(
+        "--echo", action="store_true", help="listening: echo what each peer sends back to it"
+    )
+    parser.add_argument(
+        "--json-report",
+        action="store_true",
+        help="write one JSON object per connection to stderr: peer, method, remote, connect_ms",
+    )
+    parser.add_argument(
+        "-q",
+        "--quit-after",
+        type=_seconds,
+        metavar="SECS",
+        help="after EOF on stdin, close once nothing has arrived for SECS seconds "
+        "(default: wait for the peer to close)",
+    )
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    if (options.peer is None) == (options.listen is None):
+        parser.error("give either a PEER to connect to or --listen NAME, not both")
+    if options.listen is not None:
+        if options.timeout is not None:
+            parser.error("--timeout is for connecting; a listener waits for peers")
+        if options.quit_after is not None:
+            parser.error("--quit-after is for connecting")
+        if options.identity is None:
+            options.identity = default_identity(options.listen)
+    else:
+        if options.echo:
+            parser.error("--echo is for --listen")
+        if options.port is not None:
+            parser.error("--port is for --listen")
+
+
+def report(stream: TextIO, transport: ITransport, connect_ms: float | None) -> None:
+    """
+    Write the JSON line ``--json-report`` asks for.
+    """
+    line = {
+        "peer": str(getattr(transport, "peer_id", "")),
+        "method": getattr(transport, "method", "unknown"),
+        "remote": getattr(transport, "remote", ""),
+        "connect_ms": connect_ms,
+    }
+    stream.write(json.dumps(line) + "\n")
+    stream.flush()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Console(Protocol):
+    """
+    Standard input and output, piped to one or more peers.
+    """
+
+    def __init__(self, on_stdin_closed: Callable[[], None]) -> None:
+        self.peers: list[_Peer] = []
+        self._on_stdin_closed = on_stdin_closed
+        self.stdin_open = True
+        self.gone: defer.Deferred[None] = defer.Deferred()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.stdin_open = False
+        if not self.gone.called:
+            self.gone.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        for peer in self.peers:
+            peer.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.stdin_open = False
+        self._on_stdin_closed()
+
+    def writeConnectionLost(self) -> None:
+        for peer in list(self.peers):
+            peer.transport.loseConnection()  # type: ignore[union-attr]
+
+    def add(self, peer: _Peer) -> None:
+        self.peers.append(peer)
+        assert peer.transport is not None
+        assert self.transport is not None
+        # Flow control both ways: stdin pauses while the peer is backed up, the
+        # peer stops being read while stdout is.
+        if len(self.peers) == 1:
+            peer.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+            self.transport.registerProducer(peer.transport, True)  # type: ignore[attr-defined]
+
+    def remove(self, peer: _Peer) -> None:
+        if peer in self.peers:
+            if self.peers[0] is peer and self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.peers.remove(peer)
+
+
+class _Peer(Protocol):
+    def __init__(
+        self,
+        console: _Console | None,
+        echo: bool,
+        report_to: TextIO | None,
+        started: float | None,
+        clock: Any,
+        on_closed: Callable[[_Peer, Failure], None],
+    ) -> None:
+        self._console = console
+        self._echo = echo
+        self._report_to = report_to
+        self._started = started
+        self._clock = clock
+        self._on_closed = on_closed
+        self.last_received = clock.seconds()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self._report_to is not None:
+            if self._started is not None:
+                connect_ms = (self._clock.seconds() - self._started) * 1000.0
+            else:
+                connect_ms = getattr(self.transport, "connect_ms", None)
+            report(self._report_to, self.transport, connect_ms)
+        _log.info(
+            "connected to {peer} via {method} ({remote})",
+            peer=str(getattr(self.transport, "peer_id", "?")),
+            method=getattr(self.transport, "method", "?"),
+            remote=getattr(self.transport, "remote", "?"),
+        )
+        if self._console is not None:
+            self._console.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_received = self._clock.seconds()
+        if self._echo:
+            self.transport.write(data)  # type: ignore[union-attr]
+        elif self._console is not None and self._console.transport is not None:
+            self._console.transport.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        if self._console is not None:
+            self._console.remove(self)
+        self._on_closed(self, reason)
+
+
+class _PeerFactory(Factory):
+    def __init__(self, build: Callable[[], _Peer]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: object) -> _Peer:
+        return self._build()
+
+
+async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) -> int:
+    done: defer.Deferred[None] = defer.Deferred()
+    quit_call: list[IDelayedCall] = []
+
+    def closed(peer: _Peer, reason: Failure) -> None:
+        for call in quit_call:
+            if call.active():
+                call.cancel()
+        if not done.called:
+            done.callback(None)
+
+    def idle_check(peer: _Peer) -> None:
+        quit_call.clear()
+        assert options.quit_after is not None
+        idle = reactor.seconds() - peer.last_received
+        if idle >= options.quit_after:
+            peer.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            quit_call.append(reactor.callLater(options.quit_after - idle, idle_check, peer))
+
+    peers: list[_Peer] = []
+
+    def stdin_closed() -> None:
+        if options.quit_after is not None and peers:
+            quit_call.append(reactor.callLater(0, idle_check, peers[0]))
+
+    console = _Console(stdin_closed)
+    started = reactor.seconds()
+
+    def build() -> _Peer:
+        peer = _Peer(
+            console,
+            False,
+            stderr if options.json_report else None,
+            started,
+            reactor,
+            closed,
+        )
+        peers.append(peer)
+        return peer
+
+    endpoint = clientFromString(reactor, endpoint_string(options))
+    stdio = StandardIO(console, reactor=reactor)
+    try:
+        await endpoint.connect(_PeerFactory(build))
+    except Exception as e:
+        stdio.loseConnection()
+        await console.gone
+        stderr.write(f"natcat: {e}\n")
+        return EXIT_FAILED
+    if not console.stdin_open:
+        stdin_closed()
+    await done
+    stdio.loseConnection()  # flushes what the peer sent to stdout first
+    await console.gone
+    return EXIT_OK
+
+
+async def _listen(reactor: Any, options: argparse.Namespace, stderr: TextIO) -> int:
+    stopped: defer.Deferred[None] = defer.Deferred()
+    console = None if options.echo else _Console(lambda: None)
+
+    def closed(peer: _Peer, reason: Failure) -> None:
+        _log.info("peer left: {reason}", reason=reason.getErrorMessage())
+
+    def build() -> _Peer:
+        return _Peer(
+            console,
+            options.echo,
+            stderr if options.json_report else None,
+            None,
+            reactor,
+            closed,
+        )
+
+    if options.identity is not None:
+        Path(options.identity).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    endpoint = serverFromString(reactor, endpoint_string(options))
+    try:
+        port = await endpoint.listen(_PeerFactory(build))
+    except Exception as e:
+        stderr.write(f"natcat: {e}\n")
+        return EXIT_FAILED
+    if console is not None:
+        StandardIO(console, reactor=reactor)
+    host = port.getHost()
+    stderr.write(
+        f"natcat: listening as {options.listen} (peer id {getattr(host, 'peer_id', '?')})\n"
+    )
+    stderr.flush()
+    reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+    await stopped  # until the process is told to stop
+    return EXIT_OK
+
+
+def run(reactor: Any, argv: Sequence[str], stderr: TextIO | None = None) -> defer.Deferred[int]:
+    """
+    Run ``natcat`` with *argv* on *reactor*; fires with the exit status.
+    """
+    parser = build_parser()
+    options = parser.parse_args(list(argv))
+    _check(parser, options)
+    out = sys.stderr if stderr is None else stderr
+    if options.listen is not None:
+        return defer.Deferred.fromCoroutine(_listen(reactor, options, out))
+    return defer.Deferred.fromCoroutine(_connect(reactor, options, out))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    Console-script entry point.
+    """
+    arguments = sys.argv[1:] if argv is None else list(argv)
+
+    async def _main(reactor: Any) -> None:
+        status = await run(reactor, arguments)
+        if status != EXIT_OK:
+            raise SystemExit(status)
+
+    react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor)))
+
+
+if __name__ == "__main__":
+    main()

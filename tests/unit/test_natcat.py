@@ -1,0 +1,100 @@
+"""
+natcat's command line: which options go together, the ``punch:`` string
+they make, and the JSON report line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet.endpoints import _parse
+
+from nattraverse import natcat
+
+
+def _options(*argv: str) -> natcat.argparse.Namespace:
+    parser = natcat.build_parser()
+    options = parser.parse_args(list(argv))
+    natcat._check(parser, options)
+    return options
+
+
+def test_connect_string_nests_the_rendezvous() -> None:
+    """The rendezvous description is escaped so that Twisted's parser gives it back whole."""
+    options = _options("alice", "--rendezvous", "tls:rv.example.org:8478:trustRoots=/etc/ca")
+    args, kwargs = _parse(natcat.endpoint_string(options))
+    assert args == ["punch"]
+    assert kwargs == {"peer": "alice", "rendezvous": "tls:rv.example.org:8478:trustRoots=/etc/ca"}
+
+
+def test_connect_string_carries_methods_timeout_and_identity(tmp_path: Path) -> None:
+    """--methods, --timeout and --identity become the endpoint's keys."""
+    key = tmp_path / "a:b.key"
+    options = _options(
+        "bob", "-r", "tcp:127.0.0.1:8478", "--methods", "direct,relay", "--timeout", "5",
+        "--identity", str(key),
+    )  # fmt: skip
+    _, kwargs = _parse(natcat.endpoint_string(options))
+    assert kwargs["methods"] == "direct,relay"
+    assert float(kwargs["timeout"]) == 5.0
+    assert kwargs["identity"] == str(key)
+
+
+def test_listen_string_has_a_default_identity(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A listener without --identity keeps its key under $XDG_CONFIG_HOME/nattraverse."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    options = _options("--listen", "alice", "-r", "tcp:127.0.0.1:8478", "--port", "9000")
+    _, kwargs = _parse(natcat.endpoint_string(options))
+    assert kwargs["name"] == "alice"
+    assert kwargs["identity"] == str(tmp_path / "nattraverse" / "natcat-alice.key")
+    assert kwargs["port"] == "9000"
+    assert "peer" not in kwargs
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-r", "tcp:h:1"],
+        ["alice", "--listen", "bob", "-r", "tcp:h:1"],
+        ["alice", "-r", "tcp:h:1", "--echo"],
+        ["alice", "-r", "tcp:h:1", "--port", "5"],
+        ["--listen", "bob", "-r", "tcp:h:1", "--timeout", "3"],
+        ["--listen", "bob", "-r", "tcp:h:1", "--quit-after", "3"],
+        ["alice", "-r", "tcp:h:1", "--timeout", "soon"],
+        ["alice", "-r", "tcp:h:1", "--timeout", "-1"],
+        ["--listen", "bob", "-r", "tcp:h:1", "--port", "70000"],
+        ["alice"],
+    ],
+)
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Options that do not go together, or bad values, are a usage error (status 2)."""
+    with pytest.raises(SystemExit) as raised:
+        _options(*argv)
+    assert raised.value.code == natcat.EXIT_USAGE
+    assert "natcat" in capsys.readouterr().err
+
+
+def test_report_is_one_json_line() -> None:
+    """--json-report writes the peer, method, remote and connect_ms keys, one object a line."""
+
+    class Transport:
+        peer_id = "nt1example"
+        method = "relay"
+        remote = "192.0.2.10:8478"
+
+    stream = io.StringIO()
+    natcat.report(stream, Transport(), 12.5)  # type: ignore[arg-type]
+    line = stream.getvalue()
+    assert line.endswith("\n")
+    assert line.count("\n") == 1
+    assert json.loads(line) == {
+        "peer": "nt1example",
+        "method": "relay",
+        "remote": "192.0.2.10:8478",
+        "connect_ms": 12.5,
+    }
