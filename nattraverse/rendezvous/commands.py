@@ -72,6 +72,18 @@ _ERRORS: dict[type[Exception], bytes] = {
 }
 
 
+class _RemoteAuthenticationFailed(PeerAuthenticationFailed):
+    """
+    :class:`~nattraverse.errors.PeerAuthenticationFailed` as rebuilt from an
+    AMP error: the server's whole message, not prefixed a second time.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.reason = message
+        self.peer_id = None
+
+
 def _errors(*kinds: type[Exception]) -> dict[type[Exception], bytes]:
     chosen = {InvalidRequest, NotAuthenticated, LimitExceeded, *kinds}
     return {kind: code for kind, code in _ERRORS.items() if kind in chosen}
@@ -132,6 +144,10 @@ class Authenticate(amp.Command):
     ]
     response = [(b"peer_id", amp.Unicode())]
     errors = _errors(PeerAuthenticationFailed)
+
+
+# What arrives is the server's message whole: do not prefix it a second time.
+Authenticate.reverseErrors[_ERRORS[PeerAuthenticationFailed]] = _RemoteAuthenticationFailed  # type: ignore[attr-defined]
 
 
 class Register(amp.Command):

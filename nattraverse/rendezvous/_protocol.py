@@ -1,0 +1,446 @@
+"""
+The client end of a rendezvous connection, for
+:mod:`nattraverse.rendezvous.client`: the AMP protocol (requests with
+timeouts, the server's requests handed to an :class:`IRendezvousHandler`),
+the values the client hands out, and the checks of the server's answers.
+
+Nothing the server sends is believed before it is checked.  This module
+imports nothing from :mod:`nattraverse.rendezvous.client`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionClosed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from nattraverse.errors import (
+    InvalidRequest,
+    NatTraverseError,
+    PeerAuthenticationFailed,
+    RendezvousUnavailable,
+)
+from nattraverse.identity import PeerId
+from nattraverse.rendezvous.commands import (
+    SECRET_SIZE,
+    SESSION_ID_SIZE,
+    TOKEN_SIZE,
+    DialBack,
+    Introduce,
+    RelayOffer,
+    check_bytes,
+    check_candidates,
+    check_host,
+    check_methods,
+    check_name,
+    check_port,
+    encode_candidates,
+    is_peer_id,
+)
+
+__all__ = [
+    "RETRY_HINT",
+    "IRendezvousHandler",
+    "Introduction",
+    "PeerInfo",
+    "RendezvousProtocol",
+    "ServerHello",
+    "check_duration",
+    "check_peer",
+    "check_private",
+    "peer_info",
+    "pinned",
+]
+
+_log = Logger()
+
+#: The advice ending a :class:`RendezvousUnavailable` message.
+RETRY_HINT = "try again (listening peers reconnect by themselves)"
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """
+    What the rendezvous said in ``Hello``.
+
+    :ivar observed: The address and port the server sees this connection
+        coming from: this peer's public (server-reflexive) TCP address.
+    :ivar stun_port: The STUN port of the rendezvous host, 0 when none.
+    :ivar relay: Whether the rendezvous relays.
+    """
+
+    observed: tuple[str, int]
+    stun_port: int
+    relay: bool
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """
+    What the rendezvous knows of a peer.
+
+    :ivar peer_id: The peer's id, which its TLS certificate must match.
+    :ivar name: Its registered name; empty for a caller that did not
+        register.
+    :ivar observed: The address and port the server observes it at.
+    :ivar listen_port: The TCP port it accepts direct connections on, 0
+        when none.
+    :ivar private: The private addresses it announced (hints only).
+    """
+
+    peer_id: PeerId
+    name: str
+    observed: tuple[str, int]
+    listen_port: int
+    private: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Introduction:
+    """
+    An introduction between two peers: the same *session* and *secret* reach
+    both at once, each with the other's details.
+
+    :ivar session: The 16-byte session id that ``Reverse``, ``Relay`` and
+        the path preamble name.
+    :ivar secret: The 32-byte session secret the path preamble is keyed by.
+    :ivar peer: The other peer.
+    :ivar methods: The methods the caller will try.
+    :ivar relay: Whether the rendezvous offers a relay for this session.
+    """
+
+    session: bytes
+    secret: bytes
+    peer: PeerInfo
+    methods: tuple[str, ...]
+    relay: bool
+
+
+class IRendezvousHandler(Interface):
+    """
+    What the rendezvous asks of a registered peer.  Each method is called
+    once per request the server sends, with values already checked; it
+    should start its work and return at once.
+    """
+
+    def introduced(introduction: Introduction) -> None:
+        """
+        A caller asked to be introduced to this peer: start accepting and
+        trying the paths of *introduction*.
+        """
+
+    def dial_back(session: bytes, host: str, port: int) -> None:
+        """
+        Connection reversal: dial *host*:*port* (the caller's observed
+        address) for the introduction *session*.
+        """
+
+    def relay_offer(session: bytes, token: bytes, lifetime: float) -> None:
+        """
+        The caller of *session* asked for a relay: join it with *token*
+        (see :func:`~nattraverse.rendezvous.client.join_relay`) within
+        *lifetime* seconds.
+        """
+
+
+def check_duration(value: float, field: str) -> float:
+    """*value*, a duration the server sent in *field*, if positive and finite."""
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidRequest(f"{field}: {value!r} is not a positive number of seconds")
+    return value
+
+
+def check_peer(peer: str) -> str:
+    """A peer asked for: a peer id or a name that could be registered."""
+    return peer if is_peer_id(peer) else check_name(peer)
+
+
+def check_private(private: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """This peer's private addresses, checked and encoded for the wire."""
+    return encode_candidates(check_candidates(encode_candidates(private)))
+
+
+def peer_info(fields: Mapping[str, Any], where: str) -> PeerInfo:
+    """The peer described by the ``_PEER_FIELDS`` of an answer or request."""
+    try:
+        peer_id = PeerId.parse(fields["peer_id"])
+    except ValueError as e:
+        raise InvalidRequest(f"{where}.peer_id: {e}") from None
+    name = fields["name"]
+    if name:
+        try:
+            check_name(name)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{where}.{e}") from None
+    return PeerInfo(
+        peer_id=peer_id,
+        name=name,
+        observed=(
+            check_host(fields["observed_host"], f"{where}.observed_host"),
+            check_port(fields["observed_port"], f"{where}.observed_port", allow_zero=False),
+        ),
+        listen_port=check_port(fields["listen_port"], f"{where}.listen_port"),
+        private=tuple(check_candidates(fields["private"], f"{where}.private")),
+    )
+
+
+def pinned(info: PeerInfo, asked: str) -> PeerInfo:
+    """Refuse an answer about another peer than the peer id asked for."""
+    if is_peer_id(asked) and str(info.peer_id) != asked:
+        raise PeerAuthenticationFailed(
+            f"the rendezvous answered with peer {info.peer_id} when {asked} was asked for",
+            asked,
+        )
+    return info
+
+
+class _Pending:
+    """One request waiting for its answer."""
+
+    __slots__ = ("result", "timer", "what")
+
+    def __init__(self, what: str, result: Deferred[dict[str, Any]], timer: IDelayedCall) -> None:
+        self.what = what
+        self.result = result
+        self.timer = timer
+
+
+class RendezvousProtocol(amp.AMP):
+    """
+    The client end of one rendezvous connection: requests with timeouts
+    that fail promptly when the connection goes, and the server's requests
+    checked and handed to the handler.
+    """
+
+    def __init__(
+        self, reactor: IReactorTime, handler: IRendezvousHandler | None, where: str
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reactor = reactor
+        self._handler = handler
+        self.where = where
+        self.hello: ServerHello | None = None
+        self._pending: dict[Deferred[dict[str, Any]], _Pending] = {}
+        self._closing = False
+        self._gone: Failure | None = None
+        self._loss_watchers: list[Callable[[Failure], None]] = []
+
+    # -- requests -----------------------------------------------------------
+
+    @property
+    def gone(self) -> bool:
+        """Whether the connection is closed or closing."""
+        return self._closing or self._gone is not None
+
+    def call(
+        self, what: str, command: type[amp.Command], timeout: float, **arguments: Any
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Send *command* and wait up to *timeout* seconds for its answer.
+
+        :param what: What the request does, for messages ("registering
+            'alice'").
+        :returns: A cancellable Deferred of the answer's fields.  It fails
+            with the :mod:`nattraverse.errors` class the server raised, or
+            with :class:`RendezvousUnavailable` when the connection is lost
+            or closed, or on timeout.
+        """
+        if self.gone:
+            return fail(self._unavailable(what))
+
+        def cancel(result: Deferred[dict[str, Any]]) -> None:
+            self._forget(result)
+
+        result: Deferred[dict[str, Any]] = Deferred(cancel)
+        timer = self._reactor.callLater(timeout, self._expire, result, timeout)
+        self._pending[result] = _Pending(what, result, timer)
+        try:
+            answer: Deferred[dict[str, Any]] = self.callRemote(  # type: ignore[no-untyped-call]
+                command, **arguments
+            )
+        except Exception as e:
+            self._forget(result)
+            return fail(RendezvousUnavailable(f"cannot send the request while {what}: {e}"))
+        answer.addBoth(self._settle, result)
+        return result
+
+    def _forget(self, result: Deferred[dict[str, Any]]) -> _Pending | None:
+        pending = self._pending.pop(result, None)
+        if pending is not None and pending.timer.active():
+            pending.timer.cancel()
+        return pending
+
+    def _expire(self, result: Deferred[dict[str, Any]], timeout: float) -> None:
+        pending = self._pending.pop(result, None)
+        if pending is None:
+            return
+        result.errback(
+            RendezvousUnavailable(
+                f"the rendezvous at {self.where} did not answer within {timeout:g} s "
+                f"while {pending.what}; {RETRY_HINT}"
+            )
+        )
+
+    def _settle(self, outcome: object, result: Deferred[dict[str, Any]]) -> None:
+        pending = self._forget(result)
+        if pending is None or result.called:
+            return
+        if isinstance(outcome, Failure):
+            result.errback(self._translate(outcome, pending.what))
+        else:
+            assert isinstance(outcome, dict)
+            result.callback(outcome)
+
+    def _translate(self, failure: Failure, what: str) -> Failure:
+        error = failure.value
+        if isinstance(error, NatTraverseError | CancelledError):
+            return failure
+        if isinstance(error, ConnectionClosed):
+            return Failure(self._unavailable(what, failure))
+        if isinstance(error, amp.AmpError | amp.RemoteAmpError | amp.ProtocolSwitched):
+            return Failure(
+                RendezvousUnavailable(
+                    f"the rendezvous at {self.where} failed while {what}: {error}; {RETRY_HINT}"
+                )
+            )
+        return Failure(
+            InvalidRequest(
+                f"the rendezvous at {self.where} sent an answer this client cannot read "
+                f"while {what}: {error!r}"
+            )
+        )
+
+    def _unavailable(self, what: str, reason: Failure | None = None) -> RendezvousUnavailable:
+        if self._closing and self._gone is None:
+            return RendezvousUnavailable(
+                f"the rendezvous session with {self.where} was closed by this peer while {what}"
+            )
+        reason = reason or self._gone
+        detail = f" ({reason.getErrorMessage()})" if reason is not None else ""
+        return RendezvousUnavailable(
+            f"the rendezvous connection to {self.where} was lost while {what}{detail}; {RETRY_HINT}"
+        )
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if entry.timer.active():
+                entry.timer.cancel()
+            if not entry.result.called:
+                entry.result.errback(self._unavailable(entry.what))
+
+    # -- the connection -----------------------------------------------------
+
+    def watch_loss(self, watcher: Callable[[Failure], None]) -> None:
+        """Call *watcher* with the reason once the connection is gone."""
+        if self._gone is not None:
+            watcher(self._gone)
+        else:
+            self._loss_watchers.append(watcher)
+
+    def close(self) -> None:
+        """Close the connection; pending requests fail at once.  Idempotent."""
+        if self.gone:
+            return
+        self._closing = True
+        self._fail_pending()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Fail every pending request, then tell the watchers."""
+        self._gone = reason
+        self._fail_pending()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        watchers, self._loss_watchers = self._loss_watchers, []
+        for watcher in watchers:
+            try:
+                watcher(reason)
+            except Exception:
+                _log.failure("a rendezvous connection-loss watcher failed")
+
+    # -- the server's requests ----------------------------------------------
+
+    def _require_handler(self, command: str) -> IRendezvousHandler:
+        if self._handler is None:
+            raise InvalidRequest(f"{command}: this peer has not registered and takes no requests")
+        return self._handler
+
+    def _dispatch(self, command: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:
+            _log.failure("the rendezvous handler failed on {command}", command=command)
+
+    @Introduce.responder
+    def _introduce(
+        self,
+        session: bytes,
+        secret: bytes,
+        peer_id: str,
+        name: str,
+        observed_host: str,
+        observed_port: int,
+        listen_port: int,
+        private: list[dict[str, Any]],
+        methods: list[str],
+    ) -> dict[str, Any]:
+        handler = self._require_handler("Introduce")
+        introduction = Introduction(
+            session=check_bytes(session, SESSION_ID_SIZE, "Introduce.session"),
+            secret=check_bytes(secret, SECRET_SIZE, "Introduce.secret"),
+            peer=peer_info(
+                {
+                    "peer_id": peer_id,
+                    "name": name,
+                    "observed_host": observed_host,
+                    "observed_port": observed_port,
+                    "listen_port": listen_port,
+                    "private": private,
+                },
+                "Introduce",
+            ),
+            methods=tuple(check_methods(methods)),
+            relay=self.hello.relay if self.hello is not None else False,
+        )
+        _log.info(
+            "introduced to {peer} at {observed} (session {session})",
+            peer=str(introduction.peer.peer_id),
+            observed=introduction.peer.observed,
+            session=introduction.session.hex(),
+        )
+        self._dispatch("Introduce", lambda: handler.introduced(introduction))
+        return {}
+
+    @DialBack.responder
+    def _dial_back(self, session: bytes, host: str, port: int) -> dict[str, Any]:
+        handler = self._require_handler("DialBack")
+        checked_session = check_bytes(session, SESSION_ID_SIZE, "DialBack.session")
+        checked_host = check_host(host, "DialBack.host")
+        checked_port = check_port(port, "DialBack.port", allow_zero=False)
+        self._dispatch(
+            "DialBack", lambda: handler.dial_back(checked_session, checked_host, checked_port)
+        )
+        return {}
+
+    @RelayOffer.responder
+    def _relay_offer(self, session: bytes, token: bytes, lifetime: float) -> dict[str, Any]:
+        handler = self._require_handler("RelayOffer")
+        checked_session = check_bytes(session, SESSION_ID_SIZE, "RelayOffer.session")
+        checked_token = check_bytes(token, TOKEN_SIZE, "RelayOffer.token")
+        checked_lifetime = check_duration(lifetime, "RelayOffer.lifetime")
+        self._dispatch(
+            "RelayOffer",
+            lambda: handler.relay_offer(checked_session, checked_token, checked_lifetime),
+        )
+        return {}

@@ -1,0 +1,535 @@
+"""
+The rendezvous client: AMP sessions with ``twistd natrendezvous`` (see
+``docs/protocol.rst``).
+
+:func:`open_session` connects, runs ``Hello`` and ``Authenticate`` and
+returns a :class:`RendezvousSession`, on which a peer registers, looks
+peers up, asks for introductions, connection reversal and relays.  The
+server's own requests to a registered peer (``Introduce``, ``DialBack``,
+``RelayOffer``) are checked and handed to an :class:`IRendezvousHandler`.
+:func:`join_relay` opens the fresh connection a relay leg runs on.  The
+self-healing registration of a listening peer is
+:class:`nattraverse.rendezvous.registration.Registration`; the AMP protocol
+underneath, and the checks of what the server sends, are in
+:mod:`nattraverse.rendezvous._protocol`.
+
+Nothing here trusts the server blindly: every peer id, address, port,
+session id, secret and token it sends is checked before use, and every
+request has a timeout, fails promptly when the connection goes away, and
+is cancellable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from nattraverse.errors import (
+    InvalidRequest,
+    PeerAuthenticationFailed,
+    RendezvousUnavailable,
+)
+from nattraverse.identity import Identity, PeerId
+from nattraverse.rendezvous._protocol import (
+    RETRY_HINT,
+    Introduction,
+    IRendezvousHandler,
+    PeerInfo,
+    RendezvousProtocol,
+    ServerHello,
+    check_duration,
+    check_peer,
+    check_private,
+    peer_info,
+    pinned,
+)
+from nattraverse.rendezvous.commands import (
+    CHALLENGE_SIZE,
+    PROTOCOL_VERSION,
+    SECRET_SIZE,
+    SESSION_ID_SIZE,
+    TOKEN_SIZE,
+    Authenticate,
+    Connect,
+    Hello,
+    Lookup,
+    Refresh,
+    Register,
+    Relay,
+    RelayJoin,
+    Reverse,
+    access_proof,
+    check_bytes,
+    check_host,
+    check_methods,
+    check_name,
+    check_port,
+)
+
+__all__ = [
+    "IRendezvousHandler",
+    "Introduction",
+    "PeerInfo",
+    "RendezvousSession",
+    "ServerHello",
+    "check_timeout",
+    "describe_endpoint",
+    "join_relay",
+    "open_session",
+]
+
+_log = Logger()
+
+
+def describe_endpoint(endpoint: object) -> str:
+    """
+    A short text naming a client endpoint, for messages: ``host:port`` for
+    the TCP and hostname endpoints, ``tls:host:port`` for a TLS wrapper,
+    ``repr`` otherwise.
+    """
+    wrapped = getattr(endpoint, "_wrappedEndpoint", None)
+    if wrapped is not None:
+        return "tls:" + describe_endpoint(wrapped)
+    host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if isinstance(host, str) and isinstance(port, int):
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return repr(endpoint)
+
+
+def check_timeout(timeout: float) -> float:
+    """
+    Return *timeout* if it is a positive number of seconds.
+
+    :raises ValueError: otherwise.
+    """
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout: {timeout!r} is not a positive number of seconds")
+    return float(timeout)
+
+
+class RendezvousSession:
+    """
+    One authenticated connection to the rendezvous; made by
+    :func:`open_session`.
+
+    Every request is cancellable, fails with the :mod:`nattraverse.errors`
+    class the server raised, and with :class:`RendezvousUnavailable` when
+    the server does not answer within the session's timeout or the
+    connection is lost or closed meanwhile.  Values are checked before
+    they are sent (:class:`InvalidRequest` otherwise) and answers before
+    they are believed.
+
+    :ivar hello: What the server said in ``Hello``.
+    :ivar peer_id: The peer id the server bound this connection to (this
+        peer's).
+    """
+
+    def __init__(
+        self,
+        protocol: RendezvousProtocol,
+        hello: ServerHello,
+        peer_id: PeerId,
+        timeout: float,
+    ) -> None:
+        self._protocol = protocol
+        self.hello = hello
+        self.peer_id = peer_id
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<RendezvousSession {self.peer_id} with {self._protocol.where}>"
+
+    @property
+    def where(self) -> str:
+        """The rendezvous endpoint, for messages."""
+        return self._protocol.where
+
+    @property
+    def transport(self) -> ITransport | None:
+        """The connection's transport, ``None`` once it is gone."""
+        return self._protocol.transport
+
+    @property
+    def local_address(self) -> IAddress | None:
+        """This end's address of the connection, ``None`` once it is gone."""
+        transport = self._protocol.transport
+        return transport.getHost() if transport is not None else None
+
+    @property
+    def closed(self) -> Deferred[None]:
+        """A new Deferred that fires (with ``None``) once the connection is gone."""
+        waiting: Deferred[None] = Deferred()
+        self._protocol.watch_loss(lambda reason: waiting.callback(None))
+        return waiting
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection is up and not being closed."""
+        return not self._protocol.gone
+
+    def watch_loss(self, watcher: Callable[[Failure], None]) -> None:
+        """Call *watcher* with the reason once the connection is gone."""
+        self._protocol.watch_loss(watcher)
+
+    def close(self) -> None:
+        """
+        Close the connection.  Pending requests fail at once with
+        :class:`RendezvousUnavailable`; :attr:`closed` fires when the
+        connection is gone.  Idempotent.
+        """
+        self._protocol.close()
+
+    def _call(self, what: str, command: type[amp.Command], **args: Any) -> Deferred[dict[str, Any]]:
+        return self._protocol.call(what, command, self._timeout, **args)
+
+    def register(
+        self, name: str, listen_port: int, private: Sequence[tuple[str, int]]
+    ) -> Deferred[float]:
+        """
+        Bind *name* to this peer's id (``Register``).
+
+        :param listen_port: The TCP port this peer accepts direct
+            connections on, 0 when none.
+        :param private: This peer's private addresses (at most
+            :data:`~nattraverse.rendezvous.commands.MAX_CANDIDATES`).
+        :returns: A Deferred of the registration's TTL in seconds; it fails
+            with :class:`~nattraverse.errors.NameTaken` when another key
+            holds the name.
+        """
+        try:
+            args = {
+                "name": check_name(name),
+                "listen_port": check_port(listen_port, "listen_port"),
+                "private": check_private(private),
+            }
+        except InvalidRequest as e:
+            return fail(e)
+        d = self._call(f"registering {name!r}", Register, **args)
+        return d.addCallback(lambda answer: check_duration(answer["ttl"], "Register.ttl"))
+
+    def refresh(self) -> Deferred[float]:
+        """
+        Renew this connection's registration (``Refresh``).
+
+        :returns: A Deferred of the new TTL in seconds; it fails with
+            :class:`~nattraverse.errors.PeerNotFound` when the registration
+            is gone.
+        """
+        d = self._call("refreshing the registration", Refresh)
+        return d.addCallback(lambda answer: check_duration(answer["ttl"], "Refresh.ttl"))
+
+    def lookup(self, peer: str) -> Deferred[PeerInfo]:
+        """
+        What the rendezvous knows of *peer*, a name or a peer id
+        (``Lookup``).  When *peer* is a peer id, an answer about another
+        peer fails with :class:`~nattraverse.errors.PeerAuthenticationFailed`.
+        """
+        try:
+            check_peer(peer)
+        except InvalidRequest as e:
+            return fail(e)
+        d = self._call(f"looking up {peer!r}", Lookup, peer=peer)
+        return d.addCallback(lambda answer: pinned(peer_info(answer, "Lookup"), peer))
+
+    def connect(
+        self,
+        peer: str,
+        listen_port: int,
+        private: Sequence[tuple[str, int]],
+        methods: Sequence[str],
+    ) -> Deferred[Introduction]:
+        """
+        Ask to be introduced to *peer*, a name or a peer id (``Connect``);
+        the peer gets this peer's details at the same moment.
+
+        :param listen_port: This peer's TCP port for connection reversal, 0
+            when none.
+        :param private: This peer's private addresses.
+        :param methods: The methods this peer will try.
+        :returns: A Deferred of the :class:`Introduction`; it fails with
+            :class:`~nattraverse.errors.PeerNotFound` when no live
+            registration has that name or id.
+        """
+        try:
+            check_peer(peer)
+            args: dict[str, Any] = {
+                "peer": peer,
+                "listen_port": check_port(listen_port, "listen_port"),
+                "private": check_private(private),
+                "methods": check_methods(methods),
+            }
+        except InvalidRequest as e:
+            return fail(e)
+
+        def introduction(answer: dict[str, Any]) -> Introduction:
+            return Introduction(
+                session=check_bytes(answer["session"], SESSION_ID_SIZE, "Connect.session"),
+                secret=check_bytes(answer["secret"], SECRET_SIZE, "Connect.secret"),
+                peer=pinned(peer_info(answer, "Connect"), peer),
+                methods=tuple(args["methods"]),
+                relay=bool(answer["relay"]),
+            )
+
+        return self._call(f"connecting to {peer!r}", Connect, **args).addCallback(introduction)
+
+    def reverse(self, session: bytes, port: int, host: str | None = None) -> Deferred[None]:
+        """
+        Ask the peer of introduction *session* to dial this peer back at
+        *port* of the address the rendezvous observes it at (``Reverse``).
+        *host*, when given, must be that address.
+        """
+        try:
+            args: dict[str, Any] = {
+                "session": check_bytes(session, SESSION_ID_SIZE, "session"),
+                "port": check_port(port, "port", allow_zero=False),
+            }
+            if host is not None:
+                args["host"] = check_host(host, "host")
+        except InvalidRequest as e:
+            return fail(e)
+        d = self._call("asking for connection reversal", Reverse, **args)
+        return d.addCallback(lambda answer: None)
+
+    def relay(self, session: bytes) -> Deferred[tuple[bytes, float]]:
+        """
+        Ask for a relay between the two peers of *session* (``Relay``).
+
+        :returns: A Deferred of this peer's token and the relay's lifetime
+            in seconds; join with :func:`join_relay`.
+        """
+        try:
+            checked = check_bytes(session, SESSION_ID_SIZE, "session")
+        except InvalidRequest as e:
+            return fail(e)
+
+        def token(answer: dict[str, Any]) -> tuple[bytes, float]:
+            return (
+                check_bytes(answer["token"], TOKEN_SIZE, "Relay.token"),
+                check_duration(answer["lifetime"], "Relay.lifetime"),
+            )
+
+        return self._call("asking for a relay", Relay, session=checked).addCallback(token)
+
+
+# -- opening connections ------------------------------------------------------
+
+
+async def _connect(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    handler: IRendezvousHandler | None,
+    where: str,
+) -> RendezvousProtocol:
+    factory = Factory.forProtocol(lambda: RendezvousProtocol(reactor, handler, where))
+    try:
+        protocol = await endpoint.connect(factory)
+    except CancelledError:
+        raise
+    except Exception as e:
+        raise RendezvousUnavailable(
+            f"cannot connect to the rendezvous at {where}: {e}; check the rendezvous endpoint "
+            "and that twistd natrendezvous runs there"
+        ) from e
+    assert isinstance(protocol, RendezvousProtocol)
+    return protocol
+
+
+async def _handshake(
+    protocol: RendezvousProtocol,
+    identity: Identity,
+    access_key: bytes | None,
+    timeout: float,
+) -> tuple[ServerHello, PeerId]:
+    """``Hello`` then ``Authenticate`` on a new connection."""
+    where = protocol.where
+    answer = await protocol.call("saying Hello", Hello, timeout, version=PROTOCOL_VERSION)
+    if answer["version"] != PROTOCOL_VERSION:
+        raise RendezvousUnavailable(
+            f"the rendezvous at {where} speaks protocol version {answer['version']}, this "
+            f"client version {PROTOCOL_VERSION}: upgrade the older side"
+        )
+    challenge = check_bytes(answer["challenge"], CHALLENGE_SIZE, "Hello.challenge")
+    hello = ServerHello(
+        observed=(
+            check_host(answer["observed_host"], "Hello.observed_host"),
+            check_port(answer["observed_port"], "Hello.observed_port", allow_zero=False),
+        ),
+        stun_port=check_port(answer["stun_port"], "Hello.stun_port"),
+        relay=bool(answer["relay"]),
+    )
+    protocol.hello = hello
+    proof: dict[str, Any] = {
+        "public_key": identity.public_key_der,
+        "signature": identity.sign(challenge),
+    }
+    if access_key is not None:
+        proof["access_proof"] = access_proof(access_key, challenge)
+    answer = await protocol.call("authenticating", Authenticate, timeout, **proof)
+    try:
+        peer_id = PeerId.parse(answer["peer_id"])
+    except ValueError as e:
+        raise InvalidRequest(f"Authenticate.peer_id: {e}") from None
+    if peer_id != identity.peer_id:
+        raise PeerAuthenticationFailed(
+            f"the rendezvous at {where} bound the connection to {peer_id}, not to this peer's key",
+            identity.peer_id,
+        )
+    _log.info(
+        "connected to the rendezvous at {where} as {peer_id}, observed at {observed}",
+        where=where,
+        peer_id=str(peer_id),
+        observed=hello.observed,
+    )
+    return hello, peer_id
+
+
+def _with_deadline(
+    d: Deferred[Any], reactor: IReactorTime, timeout: float, what: str
+) -> Deferred[Any]:
+    def expired(result: object, seconds: float) -> object:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return Failure(
+                RendezvousUnavailable(f"{what} took more than {seconds:g} s; {RETRY_HINT}")
+            )
+        return result
+
+    return d.addTimeout(timeout, reactor, onTimeoutCancel=expired)
+
+
+def open_session(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    identity: Identity,
+    *,
+    handler: IRendezvousHandler | None = None,
+    access_key: bytes | None = None,
+    timeout: float = 10.0,
+) -> Deferred[RendezvousSession]:
+    """
+    Connect to the rendezvous at *endpoint* and authenticate as *identity*.
+
+    :param handler: Receives the server's requests (``Introduce``,
+        ``DialBack``, ``RelayOffer``); a peer that registers needs one.
+    :param access_key: The rendezvous' access key, when it wants one.
+    :param timeout: Seconds for the connection and handshake together, and
+        then for each request on the session.
+    :returns: A Deferred of the :class:`RendezvousSession`.  It fails with
+        :class:`RendezvousUnavailable` naming the endpoint when the
+        connection fails, is lost or takes too long, and with the server's
+        refusal (:class:`~nattraverse.errors.PeerAuthenticationFailed`,
+        :class:`~nattraverse.errors.NotAuthenticated`, ...) otherwise.
+        Cancelling it closes the connection.
+    """
+    try:
+        seconds = check_timeout(timeout)
+    except ValueError as e:
+        return fail(e)
+    where = describe_endpoint(endpoint)
+
+    async def run() -> RendezvousSession:
+        protocol = await _connect(reactor, endpoint, handler, where)
+        try:
+            hello, peer_id = await _handshake(protocol, identity, access_key, seconds)
+        except BaseException:
+            protocol.close()
+            raise
+        return RendezvousSession(protocol, hello, peer_id, seconds)
+
+    return _with_deadline(
+        Deferred.fromCoroutine(run()),
+        reactor,
+        seconds,
+        f"opening a session with the rendezvous at {where}",
+    )
+
+
+class _SwitchFactory:
+    """
+    What ``RelayJoin`` switches the connection to: the one protocol, while
+    still wanted (a discarding one after a timeout or cancellation).
+    """
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self.protocol_to_give: IProtocol | None = protocol
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol:
+        given, self.protocol_to_give = self.protocol_to_give, None
+        return given if given is not None else Protocol()
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        """The switch was refused: nothing to do, the caller's Deferred fails."""
+
+    def clientConnectionLost(self, connector: object, reason: Failure) -> None:
+        """The switched connection ended: the protocol itself was told."""
+
+
+def join_relay(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    identity: Identity,
+    token: bytes,
+    protocol: IProtocol,
+    *,
+    access_key: bytes | None = None,
+    timeout: float = 10.0,
+) -> Deferred[IProtocol]:
+    """
+    Join a relay: open a fresh connection to the rendezvous, authenticate,
+    send ``RelayJoin(token)``, and hand the connection to *protocol*, whose
+    transport is then the raw connection to the relay (the bytes it writes
+    reach the other peer once it has joined too).
+
+    :param token: This peer's token, from :meth:`RendezvousSession.relay`
+        or :meth:`IRendezvousHandler.relay_offer`.
+    :param timeout: Seconds for the whole join.
+    :returns: A Deferred firing with *protocol* once the connection carries
+        raw bytes.  It fails with :class:`~nattraverse.errors.RelayRefused`
+        or :class:`RendezvousUnavailable`.  Cancelling it closes the
+        connection.
+    """
+    try:
+        seconds = check_timeout(timeout)
+        checked = check_bytes(token, TOKEN_SIZE, "token")
+    except (ValueError, InvalidRequest) as e:
+        return fail(e)
+    where = describe_endpoint(endpoint)
+    factory = _SwitchFactory(protocol)
+
+    async def run() -> IProtocol:
+        amp_protocol = await _connect(reactor, endpoint, None, where)
+        try:
+            await _handshake(amp_protocol, identity, access_key, seconds)
+            await amp_protocol.call(
+                "joining a relay",
+                RelayJoin,
+                seconds,
+                _protoToSwitchToFactory=factory,
+                token=checked,
+            )
+        except BaseException:
+            factory.protocol_to_give = None
+            amp_protocol.close()
+            raise
+        _log.info("joined a relay at {where}", where=where)
+        return protocol
+
+    return _with_deadline(
+        Deferred.fromCoroutine(run()), reactor, seconds, f"joining a relay at {where}"
+    )
