@@ -1,0 +1,418 @@
+"""
+The ``punch:`` endpoints (DESIGN section 1; ``docs/endpoints.rst``).
+
+:class:`PunchClientEndpoint` reaches a named peer: it asks the rendezvous
+for an introduction, races the traversal methods (Happy-Eyeballs style:
+direct TCP and connection reversal at once, the relay after a short
+stagger), keeps the first path that authenticates and cancels the rest.
+:class:`PunchServerEndpoint` registers a name at the rendezvous and hands
+every path a caller selects to the application.
+
+Both hand the application a :class:`~nattraverse.secure.PunchTransport`,
+which says which method carried the connection (``transport.method``) and
+who the peer is (``transport.peer_id``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import NoProtocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nattraverse._listener import PunchAddress, PunchListener
+from nattraverse._race import Contender, Race, discard_path
+from nattraverse.errors import MethodNotApplicable, PeerAuthenticationFailed, PunchFailed
+from nattraverse.identity import Identity
+from nattraverse.interfaces import CallerContext, ITraversalMethod
+from nattraverse.methods import choose_methods
+from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
+from nattraverse.rendezvous.commands import check_name, is_peer_id
+from nattraverse.secure import SecurePath
+
+__all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
+
+_log = Logger()
+
+#: Seconds the rendezvous may take to answer any one request.
+RENDEZVOUS_TIMEOUT = 10.0
+
+
+def _seconds(value: float, what: str, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what}: {value!r} is not a number of seconds")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(
+            f"{what}: {value!r} is not a {'' if zero else 'positive '}number of seconds"
+        )
+    return float(value)
+
+
+def _check_peer(peer: str) -> str:
+    if not isinstance(peer, str):
+        raise TypeError(f"peer: {peer!r} is not a name or a peer id")
+    if is_peer_id(peer):
+        return peer
+    try:
+        return check_name(peer)
+    except Exception as e:
+        raise ValueError(f"peer: {e}") from None
+
+
+def _cancelled_means_cancelled(task: Deferred[Any]) -> Deferred[Any]:
+    """
+    *task*, as a Deferred that fails with ``CancelledError`` when it is
+    cancelled, whatever error the step in progress turned the cancellation
+    into (a TCP connection being made fails with ``ConnectingCancelledError``).
+    """
+    cancelled = False
+
+    def cancel(result: Deferred[Any]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        task.cancel()
+
+    result: Deferred[Any] = Deferred(cancel)
+
+    def settle(outcome: object) -> None:
+        if result.called:
+            return
+        if isinstance(outcome, Failure):
+            if cancelled and not outcome.check(CancelledError):
+                outcome = Failure(CancelledError(f"cancelled ({outcome.getErrorMessage()})"))
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    task.addBoth(settle)
+    return result
+
+
+@implementer(IStreamClientEndpoint)
+class PunchClientEndpoint:
+    """
+    Reach *peer* through the rendezvous at *rendezvous*.
+
+    :param reactor: Provides ``IReactorTCP`` and ``IReactorTime``.
+    :param rendezvous: The rendezvous' client endpoint.
+    :param peer: A registered name, or a peer id: then only the holder of
+        that key is accepted, whatever the rendezvous says.
+    :param identity: This peer's key; ``None``: a new one for this endpoint.
+    :param methods: Method names (plugins) or
+        :class:`~nattraverse.interfaces.ITraversalMethod` objects to race;
+        ``None``: every method plugin.
+    :param timeout: Seconds for the whole ``connect()``, introduction
+        included.
+    :param stagger: Seconds before the last-resort methods (the relay)
+        start, unless every other method has already failed.
+    :param access_key: The rendezvous' access key, when it wants one.
+    :raises ValueError: naming the argument, when one is not acceptable.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        rendezvous: IStreamClientEndpoint,
+        peer: str,
+        *,
+        identity: Identity | None = None,
+        methods: Sequence[str | ITraversalMethod] | None = None,
+        timeout: float = 30.0,
+        stagger: float = 0.5,
+        access_key: bytes | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._rendezvous = rendezvous
+        self._peer = _check_peer(peer)
+        self._methods = choose_methods(methods)
+        self._timeout = _seconds(timeout, "timeout")
+        self._stagger = _seconds(stagger, "stagger", zero=True)
+        self._identity = identity if identity is not None else Identity.generate()
+        self._access_key = access_key
+        self._open_session: Callable[..., Deferred[RendezvousSession]] = open_session
+
+    def __repr__(self) -> str:
+        return f"<PunchClientEndpoint to {self._peer!r} via {self._rendezvous!r}>"
+
+    @property
+    def peer(self) -> str:
+        """The peer asked for: a name or a peer id."""
+        return self._peer
+
+    @property
+    def rendezvous(self) -> IStreamClientEndpoint:
+        """The rendezvous' client endpoint."""
+        return self._rendezvous
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The names of the methods this endpoint races, in order."""
+        return tuple(method.name for method in self._methods)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a ``connect()`` may take."""
+        return self._timeout
+
+    @property
+    def identity(self) -> Identity:
+        """The key this endpoint presents."""
+        return self._identity
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Connect to the peer.
+
+        :returns: A Deferred that fires with the protocol built by
+            *protocolFactory* once a path authenticated, connected to a
+            :class:`~nattraverse.secure.PunchTransport`.  It fails with
+            :class:`~nattraverse.errors.PeerNotFound`,
+            :class:`~nattraverse.errors.RendezvousUnavailable`,
+            :class:`~nattraverse.errors.PeerAuthenticationFailed` (the
+            rendezvous named another peer than the pinned id), or
+            :class:`~nattraverse.errors.PunchFailed` with every method's
+            failure (at the timeout, each unfinished method's is a
+            :class:`~twisted.internet.defer.TimeoutError`).  Cancelling it
+            stops everything: no socket, port or timer is left.
+        """
+        return _cancelled_means_cancelled(Deferred.fromCoroutine(self._connect(protocolFactory)))
+
+    # -- one connect() --------------------------------------------------------
+
+    def _timed_out(self, what: str) -> PunchFailed:
+        return PunchFailed(
+            self._peer,
+            {
+                name: TimeoutError(
+                    f"timed out: {what} took longer than the {self._timeout:g} s timeout"
+                )
+                for name in self.methods
+            },
+        )
+
+    def _within(self, waiting: Deferred[Any], deadline: float, what: str) -> Deferred[Any]:
+        """*waiting*, cancelled and turned into ``PunchFailed`` at *deadline*."""
+
+        def expired(result: object, seconds: float) -> object:
+            if isinstance(result, Failure) and result.check(CancelledError):
+                return Failure(self._timed_out(what))
+            return result
+
+        remaining = max(deadline - self._reactor.seconds(), 0.0)
+        return waiting.addTimeout(remaining, self._reactor, onTimeoutCancel=expired)
+
+    async def _connect(self, factory: IProtocolFactory) -> IProtocol:
+        reactor = self._reactor
+        started = reactor.seconds()
+        deadline = started + self._timeout
+        session: RendezvousSession = await self._within(
+            self._open_session(
+                reactor,
+                self._rendezvous,
+                self._identity,
+                access_key=self._access_key,
+                timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
+            ),
+            deadline,
+            "opening the rendezvous session",
+        )
+        try:
+            introduction: Introduction = await self._within(
+                session.connect(self._peer, 0, (), list(self.methods)),
+                deadline,
+                f"the introduction to {self._peer}",
+            )
+            expected = introduction.peer.peer_id
+            if is_peer_id(self._peer) and str(expected) != self._peer:
+                raise PeerAuthenticationFailed(
+                    f"the rendezvous introduced {expected} when {self._peer} was asked for",
+                    self._peer,
+                )
+            remaining = max(deadline - reactor.seconds(), 0.001)
+            context = CallerContext(
+                reactor=reactor,
+                identity=self._identity,
+                introduction=introduction,
+                session=session,
+                rendezvous=self._rendezvous,
+                peer=self._peer,
+                access_key=self._access_key,
+                timeout=remaining,
+            )
+            race: Race[SecurePath] = Race(
+                reactor,
+                [self._contender(method, context) for method in self._methods],
+                on_lost=partial(PunchFailed, self._peer),
+                discard=discard_path,
+                stagger=self._stagger,
+                timeout=remaining,
+                timeout_text=f"{self._timeout:g} s",
+            )
+            name, path = await race.run()
+            try:
+                protocol = path.select(factory, started=started)
+            except BaseException:
+                discard_path(path)
+                raise
+        finally:
+            session.close()
+        if protocol is None:
+            raise NoProtocol(f"the protocol factory built no protocol for the {name} path")
+        _log.info(
+            "connected to {peer} ({peer_id}) via {method} at {remote}",
+            peer=self._peer,
+            peer_id=str(expected),
+            method=name,
+            remote=getattr(protocol.transport, "remote", "?"),  # type: ignore[attr-defined]
+        )
+        return protocol
+
+    def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[SecurePath]:
+        try:
+            reason = method.applies(context)
+        except Exception as e:
+            _log.failure("{method}.applies() failed", method=method.name)
+            reason = f"could not tell whether it applies: {e!r}"
+        if reason is not None:
+            _log.info("{method} does not apply: {reason}", method=method.name, reason=reason)
+            return Contender(method.name, None, skipped=MethodNotApplicable(reason))
+        return Contender(
+            method.name, partial(method.attempt, context), last_resort=bool(method.last_resort)
+        )
+
+
+@implementer(IStreamServerEndpoint)
+class PunchServerEndpoint:
+    """
+    Accept traversed connections under *name*, registered at the rendezvous
+    at *rendezvous* and bound to *identity*'s key.
+
+    :param reactor: Provides ``IReactorTCP`` and ``IReactorTime``.
+    :param rendezvous: The rendezvous' client endpoint.
+    :param name: The name to register.
+    :param identity: This peer's key (required: the name is bound to it).
+    :param port: The TCP port for direct connections (0: any free port).
+    :param interface: The address that port listens on.
+    :param methods: Method names or objects; ``None``: every method plugin.
+    :param access_key: The rendezvous' access key, when it wants one.
+    :param timeout: Seconds ``listen()`` waits for the first registration,
+        and each path may take to be secured.
+    :param private: This host's private addresses to announce to callers
+        (with the direct port); ``None``: this host's non-loopback IPv4
+        addresses (or *interface* alone, when it is a specific one).
+    :raises ValueError: naming the argument, when one is not acceptable.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        rendezvous: IStreamClientEndpoint,
+        name: str,
+        *,
+        identity: Identity,
+        port: int = 0,
+        interface: str = "0.0.0.0",
+        methods: Sequence[str | ITraversalMethod] | None = None,
+        access_key: bytes | None = None,
+        timeout: float = 30.0,
+        private: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise TypeError(
+                "identity: a listening peer needs its Identity (its name is bound to the key)"
+            )
+        try:
+            self._name = check_name(name)
+        except Exception as e:
+            raise ValueError(f"name: {e}") from None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port: {port!r} is not a port number (0-65535)")
+        self._reactor = reactor
+        self._rendezvous = rendezvous
+        self._identity = identity
+        self._port = port
+        self._interface = interface
+        self._methods = choose_methods(methods)
+        self._access_key = access_key
+        self._timeout = _seconds(timeout, "timeout")
+        self._private = None if private is None else tuple(private)
+
+    def __repr__(self) -> str:
+        return f"<PunchServerEndpoint {self._name!r} via {self._rendezvous!r}>"
+
+    @property
+    def name(self) -> str:
+        """The name registered."""
+        return self._name
+
+    @property
+    def rendezvous(self) -> IStreamClientEndpoint:
+        """The rendezvous' client endpoint."""
+        return self._rendezvous
+
+    @property
+    def identity(self) -> Identity:
+        """The key the name is bound to."""
+        return self._identity
+
+    @property
+    def port(self) -> int:
+        """The direct port asked for (0: any)."""
+        return self._port
+
+    @property
+    def interface(self) -> str:
+        """The address the direct port listens on."""
+        return self._interface
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The names of the methods this endpoint serves, in order."""
+        return tuple(method.name for method in self._methods)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for the first registration, and for each path to be secured."""
+        return self._timeout
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """
+        Listen: open the direct port (when a method wants it), register the
+        name, and hand each path a caller selects to *protocolFactory*.
+
+        :returns: A Deferred of the listening port, fired once the name is
+            registered; ``stopListening()`` unregisters, closes the port and
+            drops the paths not yet selected.  It fails with the
+            registration's refusal (:class:`~nattraverse.errors.NameTaken`,
+            ...), or with
+            :class:`~nattraverse.errors.RendezvousUnavailable` when no
+            registration succeeded within the timeout.  Cancelling it stops
+            everything.
+        """
+        listener = PunchListener(
+            self._reactor,
+            self._rendezvous,
+            self._name,
+            self._identity,
+            protocolFactory,
+            port=self._port,
+            interface=self._interface,
+            methods=self._methods,
+            access_key=self._access_key,
+            timeout=self._timeout,
+            private=self._private,
+        )
+        return listener.start()

@@ -1,0 +1,239 @@
+"""
+The traversal-method plugin interface (DESIGN section 3, step 5).
+
+A traversal method is one way of getting an authenticated TCP path between
+two introduced peers: direct TCP, connection reversal, the relay, and
+whatever a third party adds (UPnP/PCP port mapping, say).  Each is an
+object providing :class:`ITraversalMethod` (and
+:class:`twisted.plugin.IPlugin`), found with :func:`twisted.plugin.getPlugins`
+in ``twisted/plugins/``, so a new method needs no change to nattraverse;
+the ``methods=`` key of the ``punch:`` endpoints selects methods by
+:attr:`~ITraversalMethod.name`.
+
+- On the **caller** (the side that called ``connect()``), every method
+  that :meth:`~ITraversalMethod.applies` is raced against the others with
+  :meth:`~ITraversalMethod.attempt`; the first authenticated path wins and
+  the others are cancelled.
+- On the **callee** (the listening side), the rendezvous' requests for one
+  introduction (``Introduce``, ``DialBack``, ``RelayOffer``) are handed to
+  every enabled method; a method that opens a path for one of them returns
+  the Deferred of that path, and the endpoint hands it to the application
+  once the caller selects it.
+
+This module is imported by plugin scans: it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from nattraverse.identity import Identity
+    from nattraverse.rendezvous.client import Introduction, RendezvousSession
+    from nattraverse.secure import PathSecrets, SecurePath
+
+__all__ = [
+    "CalleeContext",
+    "CallerContext",
+    "ITraversalMethod",
+    "TraversalMethod",
+    "path_secrets",
+]
+
+
+def path_secrets(introduction: Introduction, method: str) -> PathSecrets:
+    """
+    The secrets of a path of *method* for *introduction*: its session id and
+    secret, and the other peer's id, which the path's TLS pins.
+    """
+    from nattraverse.secure import PathSecrets
+
+    return PathSecrets(
+        session=introduction.session,
+        secret=introduction.secret,
+        expected=introduction.peer.peer_id,
+        method=method,
+    )
+
+
+@dataclass(frozen=True)
+class CallerContext:
+    """
+    What a method needs to reach the callee of one ``connect()``.
+
+    :ivar reactor: Provides ``IReactorTCP`` and ``IReactorTime``.
+    :ivar identity: This peer's key; the paths' TLS presents it.
+    :ivar introduction: The introduction the rendezvous answered with: the
+        callee's id, observed address, listening port and private
+        addresses, the session id and secret, whether it relays.
+    :ivar session: The caller's rendezvous session (for ``Reverse`` and
+        ``Relay`` requests); it is closed when the race is over.
+    :ivar rendezvous: The rendezvous' client endpoint (a relay leg opens a
+        fresh connection to it).
+    :ivar peer: The peer as asked for (a name or a peer id).
+    :ivar access_key: The rendezvous' access key, if it wants one.
+    :ivar timeout: Seconds left for the whole connection: the longest any
+        single wait of the method should take.
+    """
+
+    reactor: Any
+    identity: Identity
+    introduction: Introduction
+    session: RendezvousSession
+    rendezvous: IStreamClientEndpoint
+    peer: str
+    access_key: bytes | None = None
+    timeout: float = 30.0
+
+    def secrets(self, method: str) -> PathSecrets:
+        """The secrets of a path of *method* to the callee."""
+        return path_secrets(self.introduction, method)
+
+
+@dataclass(frozen=True)
+class CalleeContext:
+    """
+    What a method needs on the listening side; one per ``listen()``.
+
+    :ivar reactor: Provides ``IReactorTCP`` and ``IReactorTime``.
+    :ivar identity: This peer's key, the one its name is bound to.
+    :ivar name: The name registered.
+    :ivar rendezvous: The rendezvous' client endpoint.
+    :ivar access_key: The rendezvous' access key, if it wants one.
+    :ivar timeout: Seconds a path may take to be opened and secured.
+    """
+
+    reactor: Any
+    identity: Identity
+    name: str
+    rendezvous: IStreamClientEndpoint
+    access_key: bytes | None = None
+    timeout: float = 30.0
+
+    def secrets(self, introduction: Introduction, method: str) -> PathSecrets:
+        """The secrets of a path of *method* to the caller of *introduction*."""
+        return path_secrets(introduction, method)
+
+
+class ITraversalMethod(Interface):
+    """
+    One way of reaching an introduced peer.  Register a provider (which must
+    also provide :class:`twisted.plugin.IPlugin`) in a module under
+    ``twisted/plugins/``; keep that module, and the method's own module,
+    cheap to import: import heavy modules inside the methods.
+
+    Every Deferred returned is cancellable; cancelling it must close every
+    socket, listening port and timer the attempt opened.  A path is a
+    :class:`~nattraverse.secure.SecurePath` whose
+    :attr:`~nattraverse.secure.SecurePath.authenticated` has fired: the
+    caller's path is then :meth:`~nattraverse.secure.SecurePath.select`\\ ed
+    or aborted by the race; the callee's is attached to the application.
+    """
+
+    name = Attribute(
+        "The method's name: lower-case letters, digits and dashes, at most 32; what the "
+        "``methods=`` key and ``transport.method`` say."
+    )
+    last_resort = Attribute(
+        "Whether the caller starts this method only after the endpoint's stagger delay "
+        "(unless every other method has already failed), as the relay does."
+    )
+    callee_listens = Attribute(
+        "Whether the callee accepts this method's paths on its listening TCP port (which "
+        "the server endpoint opens, and announces, only when an enabled method says so)."
+    )
+
+    def applies(context: CallerContext) -> str | None:
+        """
+        Whether this method can be tried for *context*'s introduction.
+
+        :returns: ``None`` when it applies, else the reason it does not
+            (reported in :class:`~nattraverse.errors.PunchFailed` as a
+            :class:`~nattraverse.errors.MethodNotApplicable`).
+        """
+
+    def attempt(context: CallerContext) -> Deferred[SecurePath]:
+        """
+        Caller side: try to open an authenticated path to the callee.
+
+        :returns: A cancellable Deferred of the path, authenticated but not
+            yet selected; it fails with the reason the method failed.
+        """
+
+    def introduced(
+        context: CalleeContext, introduction: Introduction
+    ) -> Deferred[SecurePath] | None:
+        """
+        Callee side: a caller was introduced (``Introduce``).
+
+        :returns: The Deferred of a path this method opens for it (selected
+            by the caller), or ``None`` when it opens none.
+        """
+
+    def dial_back(
+        context: CalleeContext, introduction: Introduction, host: str, port: int
+    ) -> Deferred[SecurePath] | None:
+        """
+        Callee side: the caller of *introduction* asked to be dialled back
+        at *host*:*port*, its observed address (``DialBack``).
+
+        :returns: As for :meth:`introduced`.
+        """
+
+    def relay_offer(
+        context: CalleeContext, introduction: Introduction, token: bytes, lifetime: float
+    ) -> Deferred[SecurePath] | None:
+        """
+        Callee side: the caller of *introduction* allocated a relay; this
+        peer's token is *token* (``RelayOffer``).
+
+        :returns: As for :meth:`introduced`.
+        """
+
+
+class TraversalMethod:
+    """
+    A convenient base for :class:`ITraversalMethod` providers: a caller-only
+    method, not a last resort, whose callee hooks do nothing.  Subclasses
+    set :attr:`name` and implement :meth:`attempt` (and :meth:`applies`
+    when the method does not always apply).
+    """
+
+    name: str = ""
+    last_resort: bool = False
+    callee_listens: bool = False
+
+    def __repr__(self) -> str:
+        return f"<traversal method {self.name!r}>"
+
+    def applies(self, context: CallerContext) -> str | None:
+        """Always applies."""
+        return None
+
+    def attempt(self, context: CallerContext) -> Deferred[SecurePath]:
+        """Subclasses open their path here."""
+        raise NotImplementedError(f"{type(self).__name__} has no caller side")
+
+    def introduced(
+        self, context: CalleeContext, introduction: Introduction
+    ) -> Deferred[SecurePath] | None:
+        """Nothing to do."""
+        return None
+
+    def dial_back(
+        self, context: CalleeContext, introduction: Introduction, host: str, port: int
+    ) -> Deferred[SecurePath] | None:
+        """Nothing to do."""
+        return None
+
+    def relay_offer(
+        self, context: CalleeContext, introduction: Introduction, token: bytes, lifetime: float
+    ) -> Deferred[SecurePath] | None:
+        """Nothing to do."""
+        return None

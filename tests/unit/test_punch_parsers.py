@@ -1,0 +1,357 @@
+"""
+The ``punch:`` endpoint-string parsers, found through the real plugin file
+(``twisted/plugins/nattraverse_punch.py``) by ``clientFromString`` and
+``serverFromString``: every key, nesting, the reactor handed over, and the
+errors that name the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
+from twisted.internet.interfaces import (
+    IStreamClientEndpoint,
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from zope.interface.verify import verifyObject
+
+from nattraverse import natcat
+from nattraverse._parsers import (
+    ACCESS_KEY_ENVIRONMENT,
+    PunchClientParser,
+    PunchServerParser,
+    parse_client,
+)
+from nattraverse.endpoints import PunchClientEndpoint, PunchServerEndpoint
+from nattraverse.identity import Identity, load_or_create
+
+ROOT = Path(__file__).resolve().parents[2]
+RENDEZVOUS = r"rendezvous=tcp\:127.0.0.1\:8478"
+
+
+@pytest.fixture(autouse=True)
+def _no_access_key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ACCESS_KEY_ENVIRONMENT, raising=False)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return tmp_path / "alice.key"
+
+
+def _client(reactor: Any, rest: str) -> PunchClientEndpoint:
+    endpoint = clientFromString(reactor, f"punch:{rest}")
+    assert isinstance(endpoint, PunchClientEndpoint)
+    return endpoint
+
+
+def _server(reactor: Any, rest: str) -> PunchServerEndpoint:
+    endpoint = serverFromString(reactor, f"punch:{rest}")
+    assert isinstance(endpoint, PunchServerEndpoint)
+    return endpoint
+
+
+# -- plugins ---------------------------------------------------------------------
+
+
+def test_parsers_are_found_as_plugins() -> None:
+    """Both parsers are Twisted plugins with the prefix 'punch'."""
+    clients = [p for p in getPlugins(IStreamClientEndpointStringParserWithReactor)
+               if p.prefix == "punch"]  # fmt: skip
+    servers = [p for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == "punch"]
+    assert [type(p) for p in clients] == [PunchClientParser]
+    assert [type(p) for p in servers] == [PunchServerParser]
+    verifyObject(IStreamClientEndpointStringParserWithReactor, clients[0])
+    verifyObject(IStreamServerEndpointStringParser, servers[0])
+
+
+def test_parser_plugin_module_is_cheap() -> None:
+    """Importing the parsers' plugin file imports no reactor, crypto, TLS or endpoints."""
+    probe = (
+        "import json, sys\n"
+        "import twisted.plugins.nattraverse_punch\n"
+        "heavy = ['twisted.internet.reactor', 'cryptography', 'OpenSSL',"
+        " 'twisted.internet.endpoints', 'nattraverse.endpoints', 'nattraverse.identity']\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
+        timeout=60, env={"PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert json.loads(output.stdout) == []
+
+
+# -- client ----------------------------------------------------------------------
+
+
+def test_client_minimal() -> None:
+    """peer and rendezvous are enough; the defaults are all methods and 30 s."""
+    reactor = MemoryReactorClock()
+    endpoint = _client(reactor, f"peer=alice:{RENDEZVOUS}")
+    verifyObject(IStreamClientEndpoint, endpoint)
+    assert endpoint.peer == "alice"
+    assert endpoint.methods == ("direct", "reversal", "relay")
+    assert endpoint.timeout == 30.0
+
+
+def test_client_uses_the_reactor_for_itself_and_the_rendezvous() -> None:
+    """The reactor handed to the parser is the endpoint's and the nested endpoint's."""
+    reactor = MemoryReactorClock()
+    endpoint = _client(reactor, f"peer=alice:{RENDEZVOUS}")
+    assert endpoint._reactor is reactor
+    rendezvous = endpoint.rendezvous
+    assert isinstance(rendezvous, TCP4ClientEndpoint)
+    assert rendezvous._reactor is reactor
+    assert (rendezvous._host, rendezvous._port) == ("127.0.0.1", 8478)
+
+
+def test_client_nested_endpoint_keeps_its_own_keys() -> None:
+    """A nested description keeps its own escaped keys (here a TCP timeout)."""
+    reactor = MemoryReactorClock()
+    endpoint = _client(reactor, r"peer=alice:rendezvous=tcp\:host=127.0.0.1\:port=1\:timeout=7")
+    assert endpoint.rendezvous._timeout == 7  # type: ignore[attr-defined]
+
+
+def test_client_peer_id_is_accepted() -> None:
+    """peer may be a peer id, which then pins the identity."""
+    peer_id = str(Identity.generate().peer_id)
+    endpoint = _client(MemoryReactorClock(), f"peer={peer_id}:{RENDEZVOUS}")
+    assert endpoint.peer == peer_id
+
+
+def test_client_methods_and_timeout() -> None:
+    """methods is a comma list, in the order given; timeout is in seconds."""
+    endpoint = _client(
+        MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:methods=relay, direct:timeout=2.5"
+    )
+    assert endpoint.methods == ("relay", "direct")
+    assert endpoint.timeout == 2.5
+
+
+def test_client_identity_file_is_loaded_or_created(key_file: Path) -> None:
+    """identity= names a key file, created with mode 0600 on first use, loaded after."""
+    first = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:identity={key_file}")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    second = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:identity={key_file}")
+    assert first.identity.peer_id == second.identity.peer_id == load_or_create(key_file).peer_id
+
+
+def test_client_without_identity_gets_an_ephemeral_one() -> None:
+    """Without identity=, each endpoint has its own fresh key."""
+    a = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}")
+    b = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}")
+    assert a.identity.peer_id != b.identity.peer_id
+
+
+def test_client_access_key_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """accessKeyFile's content, stripped, is the access key, and wins over the environment."""
+    monkeypatch.setenv(ACCESS_KEY_ENVIRONMENT, "from-environment")
+    path = tmp_path / "access"
+    path.write_bytes(b"  s3cret\n")
+    path.chmod(0o600)
+    endpoint = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:accessKeyFile={path}")
+    assert endpoint._access_key == b"s3cret"
+
+
+def test_client_access_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without accessKeyFile, NATTRAVERSE_ACCESS_KEY is the access key."""
+    monkeypatch.setenv(ACCESS_KEY_ENVIRONMENT, "from-environment")
+    endpoint = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}")
+    assert endpoint._access_key == b"from-environment"
+
+
+def test_client_without_access_key() -> None:
+    """Without file or environment there is no access key."""
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}")._access_key is None
+
+
+def test_natcat_strings_parse(tmp_path: Path) -> None:
+    """The strings natcat builds (escaped '=' and ':' included) parse back."""
+    options = natcat.build_parser().parse_args(
+        ["alice", "-r", "tcp:host=127.0.0.1:port=8478", "--methods", "direct,relay",
+         "--timeout", "5", "--identity", str(tmp_path / "a=b:c.key")]
+    )  # fmt: skip
+    endpoint = _client(MemoryReactorClock(), natcat.endpoint_string(options).removeprefix("punch:"))
+    assert endpoint.methods == ("direct", "relay")
+    assert endpoint.timeout == 5.0
+    assert (tmp_path / "a=b:c.key").exists()
+
+
+@pytest.mark.parametrize(
+    ("rest", "key"),
+    [
+        (f"{RENDEZVOUS}", "peer"),
+        ("peer=alice", "rendezvous"),
+        (f"peer=alice:{RENDEZVOUS}:colour=blue", "colour"),
+        (f"peer=alice:{RENDEZVOUS}:name=alice", "name"),
+        (f"alice:{RENDEZVOUS}", "alice"),
+    ],
+)
+def test_client_missing_or_unknown_keys_raise_type_error(rest: str, key: str) -> None:
+    """Missing required keys, unknown keys and positional values raise TypeError naming them."""
+    with pytest.raises(TypeError, match=key):
+        clientFromString(MemoryReactorClock(), f"punch:{rest}")
+
+
+@pytest.mark.parametrize(
+    ("rest", "needle"),
+    [
+        (f"peer=alice:{RENDEZVOUS}:timeout=soon", "timeout='soon'"),
+        (f"peer=alice:{RENDEZVOUS}:timeout=0", "timeout='0'"),
+        (f"peer=alice:{RENDEZVOUS}:timeout=-3", "timeout='-3'"),
+        (f"peer=alice:{RENDEZVOUS}:timeout=inf", "timeout='inf'"),
+        (f"peer=alice:{RENDEZVOUS}:timeout=nan", "timeout='nan'"),
+        (f"peer=alice:{RENDEZVOUS}:methods=direct,pigeon", "'pigeon'"),
+        (f"peer=alice:{RENDEZVOUS}:methods=direct,,relay", "methods="),
+        (f"peer=alice:{RENDEZVOUS}:methods=relay,relay", "twice"),
+        (f"peer=alice:{RENDEZVOUS}:methods=", "methods"),
+        (r"peer=alice:rendezvous=nope\:1", "rendezvous='nope:1'"),
+        (r"peer=alice:rendezvous=tcp\:127.0.0.1", "rendezvous='tcp:127.0.0.1'"),
+        (f"peer=al ice:{RENDEZVOUS}", "peer='al ice'"),
+        (f"peer=alice:{RENDEZVOUS}:accessKeyFile=/nonexistent/key", "accessKeyFile="),
+    ],
+)
+def test_client_bad_values_raise_value_error(rest: str, needle: str) -> None:
+    """A bad value raises ValueError naming the key and the value."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        clientFromString(MemoryReactorClock(), f"punch:{rest}")
+
+
+def test_client_empty_access_key_file(tmp_path: Path) -> None:
+    """An empty access key file is a bad value."""
+    path = tmp_path / "empty"
+    path.write_bytes(b"\n")
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match="accessKeyFile"):
+        _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:accessKeyFile={path}")
+
+
+def test_client_access_key_file_others_may_read(tmp_path: Path) -> None:
+    """An access key file readable by others is refused, as the server refuses its own."""
+    path = tmp_path / "access"
+    path.write_bytes(b"s3cret\n")
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:accessKeyFile={path}")
+
+
+def test_client_insecure_identity_file(key_file: Path) -> None:
+    """An identity file others can read is refused, naming the key."""
+    load_or_create(key_file)
+    os.chmod(key_file, 0o644)
+    with pytest.raises(ValueError, match="identity="):
+        _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:identity={key_file}")
+
+
+def test_parse_client_signature_takes_an_environment() -> None:
+    """parse_client reads the access key from the environment mapping it is given."""
+    endpoint = parse_client(
+        MemoryReactorClock(),
+        peer="alice",
+        rendezvous="tcp:127.0.0.1:1",
+        environ={ACCESS_KEY_ENVIRONMENT: "k"},
+    )
+    assert endpoint._access_key == b"k"
+
+
+# -- server ----------------------------------------------------------------------
+
+
+def test_server_keys(key_file: Path, tmp_path: Path) -> None:
+    """Every server key reaches the endpoint."""
+    access = tmp_path / "access"
+    access.write_bytes(b"k\n")
+    access.chmod(0o600)
+    reactor = MemoryReactorClock()
+    endpoint = _server(
+        reactor,
+        f"name=alice:{RENDEZVOUS}:identity={key_file}:port=8479:interface=127.0.0.1"
+        f":methods=direct,relay:timeout=12:accessKeyFile={access}",
+    )
+    verifyObject(IStreamServerEndpoint, endpoint)
+    assert endpoint.name == "alice"
+    assert endpoint.port == 8479
+    assert endpoint.interface == "127.0.0.1"
+    assert endpoint.methods == ("direct", "relay")
+    assert endpoint.timeout == 12.0
+    assert endpoint._access_key == b"k"
+    assert endpoint.identity.peer_id == load_or_create(key_file).peer_id
+
+
+def test_server_defaults_and_reactor(key_file: Path) -> None:
+    """Defaults: any port on every interface, all methods; the reactor is the one handed over."""
+    reactor = MemoryReactorClock()
+    endpoint = _server(reactor, f"name=alice:{RENDEZVOUS}:identity={key_file}")
+    assert (endpoint.port, endpoint.interface) == (0, "0.0.0.0")
+    assert endpoint.methods == ("direct", "reversal", "relay")
+    assert endpoint._reactor is reactor
+    assert endpoint.rendezvous._reactor is reactor  # type: ignore[attr-defined]
+
+
+def test_server_needs_an_identity() -> None:
+    """Without identity= the server refuses, saying the name is bound to the key."""
+    with pytest.raises(TypeError, match="identity=") as raised:
+        serverFromString(MemoryReactorClock(), f"punch:name=alice:{RENDEZVOUS}")
+    assert "bound" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("rest", "key"),
+    [
+        (f"{RENDEZVOUS}:identity=KEY", "name"),
+        ("name=alice:identity=KEY", "rendezvous"),
+        (f"name=alice:{RENDEZVOUS}:identity=KEY:peer=bob", "peer"),
+        (f"name=alice:{RENDEZVOUS}:identity=KEY:backlog=5", "backlog"),
+    ],
+)
+def test_server_missing_or_unknown_keys(rest: str, key: str, key_file: Path) -> None:
+    """Missing required keys and unknown keys raise TypeError naming them."""
+    with pytest.raises(TypeError, match=key):
+        serverFromString(MemoryReactorClock(), "punch:" + rest.replace("KEY", str(key_file)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("port=http", "port='http'"),
+        ("port=70000", "port='70000'"),
+        ("port=-1", "port='-1'"),
+        ("interface=localhost", "interface='localhost'"),
+        ("methods=teleport", "'teleport'"),
+        ("timeout=never", "timeout='never'"),
+    ],
+)
+def test_server_bad_values(extra: str, needle: str, key_file: Path) -> None:
+    """A bad server value raises ValueError naming the key and the value."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        serverFromString(
+            MemoryReactorClock(), f"punch:name=alice:{RENDEZVOUS}:identity={key_file}:{extra}"
+        )
+
+
+def test_server_bad_name(key_file: Path) -> None:
+    """A name that cannot be registered is refused, naming it."""
+    with pytest.raises(ValueError, match="name='a b'"):
+        serverFromString(MemoryReactorClock(), f"punch:name=a b:{RENDEZVOUS}:identity={key_file}")
+
+
+def test_server_errors_come_before_creating_the_key_file(key_file: Path) -> None:
+    """A bad value elsewhere leaves no new key file behind."""
+    with pytest.raises(ValueError, match="port='x'"):
+        serverFromString(
+            MemoryReactorClock(), f"punch:name=alice:{RENDEZVOUS}:identity={key_file}:port=x"
+        )
+    assert not key_file.exists()

@@ -1,0 +1,4 @@
+from nattraverse._parsers import PunchClientParser, PunchServerParser
+
+punchClient = PunchClientParser()
+punchServer = PunchServerParser()
