@@ -170,6 +170,9 @@ class PunchTransport:
     :ivar session: The introduction's session id.
     :ivar remote: ``"ip:port"`` of the raw connection's far end (for a relay,
         the relay's address).
+    :ivar connect_ms: Milliseconds from the start of the connection attempt
+        (the callee: from the introduction) to the authenticated path, when
+        the endpoint measured it; else ``None``.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class PunchTransport:
         self.peer_id = peer_id
         self.session = session
         self.remote = address_text(self._raw.getPeer())
+        self.connect_ms: float | None = None
 
     def __repr__(self) -> str:
         return f"<PunchTransport {self.method} to {self.peer_id} at {self.remote}>"

@@ -210,6 +210,8 @@ class _Console(Protocol):
         self._on_stdin_closed = on_stdin_closed
         self.stdin_open = True
         self.gone: defer.Deferred[None] = defer.Deferred()
+        self._pending: list[bytes] = []
+        self._wired = False
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self.stdin_open = False
@@ -222,27 +224,54 @@ class _Console(Protocol):
 
     def readConnectionLost(self) -> None:
         self.stdin_open = False
+        # A finished producer must not stay registered: the TLS layer waits
+        # for it to go before it closes.
+        if self._wired and self.peers[0].transport is not None:
+            self.peers[0].transport.unregisterProducer()  # type: ignore[attr-defined]
         self._on_stdin_closed()
 
     def writeConnectionLost(self) -> None:
         for peer in list(self.peers):
             peer.transport.loseConnection()  # type: ignore[union-attr]
 
+    def connectionMade(self) -> None:
+        self._wire()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.deliver(data)
+
+    def deliver(self, data: bytes) -> None:
+        """Write what a peer sent to standard output (kept until it is open)."""
+        if self.transport is None:
+            self._pending.append(data)
+        else:
+            self.transport.write(data)
+
     def add(self, peer: _Peer) -> None:
         self.peers.append(peer)
+        self._wire()
+
+    def _wire(self) -> None:
+        # Flow control both ways: stdin pauses while the first peer is backed
+        # up, and that peer stops being read while stdout is.
+        if self._wired or self.transport is None or not self.peers:
+            return
+        peer = self.peers[0]
         assert peer.transport is not None
-        assert self.transport is not None
-        # Flow control both ways: stdin pauses while the peer is backed up, the
-        # peer stops being read while stdout is.
-        if len(self.peers) == 1:
-            peer.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
-            self.transport.registerProducer(peer.transport, True)  # type: ignore[attr-defined]
+        self._wired = True
+        peer.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(peer.transport, True)  # type: ignore[attr-defined]
 
     def remove(self, peer: _Peer) -> None:
         if peer in self.peers:
-            if self.peers[0] is peer and self.transport is not None:
-                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            if self.peers[0] is peer and self._wired:
+                self._wired = False
+                if self.transport is not None:
+                    self.transport.unregisterProducer()  # type: ignore[attr-defined]
+                if self.stdin_open and peer.transport is not None:
+                    peer.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.peers.remove(peer)
+            self._wire()
 
 
 class _Peer(Protocol):
@@ -266,10 +295,9 @@ class _Peer(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         if self._report_to is not None:
-            if self._started is not None:
+            connect_ms = getattr(self.transport, "connect_ms", None)
+            if connect_ms is None and self._started is not None:
                 connect_ms = (self._clock.seconds() - self._started) * 1000.0
-            else:
-                connect_ms = getattr(self.transport, "connect_ms", None)
             report(self._report_to, self.transport, connect_ms)
         _log.info(
             "connected to {peer} via {method} ({remote})",
@@ -284,8 +312,8 @@ class _Peer(Protocol):
         self.last_received = self._clock.seconds()
         if self._echo:
             self.transport.write(data)  # type: ignore[union-attr]
-        elif self._console is not None and self._console.transport is not None:
-            self._console.transport.write(data)
+        elif self._console is not None:
+            self._console.deliver(data)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         if self._console is not None:
@@ -317,6 +345,7 @@ async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) ->
         assert options.quit_after is not None
         idle = reactor.seconds() - peer.last_received
         if idle >= options.quit_after:
+            console.remove(peer)
             peer.transport.loseConnection()  # type: ignore[union-attr]
         else:
             quit_call.append(reactor.callLater(options.quit_after - idle, idle_check, peer))
@@ -343,16 +372,13 @@ async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) ->
         return peer
 
     endpoint = clientFromString(reactor, endpoint_string(options))
-    stdio = StandardIO(console, reactor=reactor)
     try:
         await endpoint.connect(_PeerFactory(build))
     except Exception as e:
-        stdio.loseConnection()
-        await console.gone
         stderr.write(f"natcat: {e}\n")
         return EXIT_FAILED
-    if not console.stdin_open:
-        stdin_closed()
+    # Standard input is read only once there is a peer to send it to.
+    stdio = StandardIO(console, reactor=reactor)
     await done
     stdio.loseConnection()  # flushes what the peer sent to stdout first
     await console.gone

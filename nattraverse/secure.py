@@ -487,28 +487,38 @@ class SecurePath(Protocol):
 
     # -- the application --------------------------------------------------------
 
-    def select(self, factory: IProtocolFactory) -> IProtocol | None:
+    def select(
+        self, factory: IProtocolFactory, *, started: float | None = None
+    ) -> IProtocol | None:
         """
         Pick this path (caller only, once :attr:`authenticated` has fired):
         send the selection byte and connect ``factory.buildProtocol(peer)``
         to a :class:`PunchTransport`.  When that returns ``None`` the path
         is closed and ``None`` returned.
+
+        :param started: When (reactor time) the connection attempt began;
+            the transport's ``connect_ms`` is counted from it.
         """
         self._ready_for("caller", "select")
         self._selected = True
         assert self._tls is not None
         self._tls.write(SELECTION_BYTE)
-        return self._connect_application(factory)
+        return self._connect_application(factory, started)
 
-    def attach(self, factory: IProtocolFactory) -> IProtocol | None:
+    def attach(
+        self, factory: IProtocolFactory, *, started: float | None = None
+    ) -> IProtocol | None:
         """
         Hand this path to the application (callee only, once
         :attr:`authenticated` has fired): like :meth:`select`, without
         sending anything.  Data that came after the selection byte is
         delivered first, in order.
+
+        :param started: As for :meth:`select` (for a callee: when the
+            introduction arrived).
         """
         self._ready_for("callee", "attach")
-        return self._connect_application(factory)
+        return self._connect_application(factory, started)
 
     def _ready_for(self, role: Role, what: str) -> None:
         if self.role != role:
@@ -518,7 +528,9 @@ class SecurePath(Protocol):
         if self._app_transport is not None or self._aborted:
             raise RuntimeError(f"this path is already taken or aborted; cannot {what}() it")
 
-    def _connect_application(self, factory: IProtocolFactory) -> IProtocol | None:
+    def _connect_application(
+        self, factory: IProtocolFactory, started: float | None
+    ) -> IProtocol | None:
         tls = self._tls
         assert tls is not None
         if self._paused_by_us:
@@ -534,6 +546,8 @@ class SecurePath(Protocol):
             pause=self._pause_application,
             resume=self._resume_application,
         )
+        if started is not None:
+            transport.connect_ms = (self._reactor.seconds() - started) * 1000.0
         self._app_transport = transport
         if app is None:
             tls.loseConnection()

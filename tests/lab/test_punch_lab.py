@@ -190,8 +190,8 @@ def test_reversal_to_a_callee_behind_a_nat(lab: Lab, tmp_path: Path) -> None:
 def test_relay_between_two_port_restricted_nats(lab: Lab, tmp_path: Path) -> None:
     """Two peers behind port-restricted NATs meet in the relay."""
     lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
-    callee_nat = lab.nat("nat-a", Preset.PORT_RESTRICTED)
-    caller_nat = lab.nat("nat-b", Preset.PORT_RESTRICTED)
+    callee_nat = lab.nat("nata", Preset.PORT_RESTRICTED)
+    caller_nat = lab.nat("natb", Preset.PORT_RESTRICTED)
     callee = lab.host("callee", behind=callee_nat)
     caller = lab.host("caller", behind=caller_nat)
     mine, theirs = _echo_through(lab, caller, callee, tmp_path)

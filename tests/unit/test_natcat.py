@@ -5,6 +5,7 @@ they make, and the JSON report line.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from twisted.internet.endpoints import _parse
 from nattraverse import natcat
 
 
-def _options(*argv: str) -> natcat.argparse.Namespace:
+def _options(*argv: str) -> argparse.Namespace:
     parser = natcat.build_parser()
     options = parser.parse_args(list(argv))
     natcat._check(parser, options)
