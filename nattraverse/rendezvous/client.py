@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -342,6 +343,8 @@ async def _connect(
         protocol = await endpoint.connect(factory)
     except CancelledError:
         raise
+    except ConnectingCancelledError as e:
+        raise CancelledError(f"cancelled while connecting to the rendezvous at {where}") from e
     except Exception as e:
         raise RendezvousUnavailable(
             f"cannot connect to the rendezvous at {where}: {e}; check the rendezvous endpoint "

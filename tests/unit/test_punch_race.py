@@ -297,10 +297,12 @@ class FakePath:
         self.name = name
         self.authenticated: Deferred[Any] = succeed(self)
         self.selected_with: Any = None
+        self.started: float | None = None
         self.aborted = False
 
-    def select(self, factory: Any) -> Any:
+    def select(self, factory: Any, *, started: float | None = None) -> Any:
         self.selected_with = factory
+        self.started = started
         return factory.buildProtocol(None)
 
     def abort(self) -> None:
@@ -418,6 +420,7 @@ def test_endpoint_selects_the_winner_and_closes_the_session() -> None:
     session = FakeSession(introduction=_introduction())
     endpoint, _ = _endpoint(clock, [direct, reversal], session)
     factory = _factory()
+    clock.advance(5)
     connecting = endpoint.connect(factory)
     assert session.connects == [("bob", 0, (), ("direct", "reversal"))]
     path = FakePath("reversal")
@@ -425,6 +428,7 @@ def test_endpoint_selects_the_winner_and_closes_the_session() -> None:
     protocol = _result(connecting)
     assert isinstance(protocol, Protocol)
     assert path.selected_with is factory
+    assert path.started == 5  # connect_ms counts from connect()
     assert direct.attempts[0].cancelled
     assert session.closed
     assert clock.getDelayedCalls() == []

@@ -436,6 +436,18 @@ def test_transport_says_how_and_who(peers: Peers, opener: str) -> None:
         assert other.peer_id.matches(certificate.to_cryptography())
 
 
+def test_connect_ms_counts_from_started(peers: Peers) -> None:
+    """select/attach with *started* give the transport connect_ms in reactor time; else None."""
+    joined = link(peers)
+    joined.pump.flush()
+    joined.clock.advance(0.25)
+    app_caller = recorder(joined.caller.select(Factory.forProtocol(Recorder), started=0.0))
+    joined.pump.flush()
+    app_callee = recorder(joined.callee.attach(Factory.forProtocol(Recorder)))
+    assert punch(app_caller).connect_ms == pytest.approx(250.0)
+    assert punch(app_callee).connect_ms is None
+
+
 def test_factory_gets_peer_address(peers: Peers) -> None:
     """buildProtocol is asked with the raw connection's peer address."""
     joined = link(peers)
