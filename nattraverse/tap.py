@@ -1,20 +1,42 @@
 """
 ``twistd natrendezvous``: the public side of nattraverse.
 
-For now it serves STUN (RFC 8489 over UDP and TCP; RFC 5780 and RFC 3489
-behaviour discovery when given a second address).  Rendezvous and relay
-options join it in later releases.
+It serves STUN (RFC 8489 over UDP and TCP; RFC 5780 and RFC 3489 behaviour
+discovery when given a second address) and, on every ``--listen`` endpoint
+(``tcp:8478`` by default), the rendezvous and its relay
+(``docs/protocol.rst``).  Options follow ``twisted/web/tap.py``; the
+access key comes from a file or the environment, never from the command
+line.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import stat
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from nattraverse.rendezvous.relay import RelayHub, RelayLimits
+from nattraverse.rendezvous.server import RendezvousLimits, RendezvousService
 from nattraverse.stun.server import StunServer
+
+#: Where ``--listen`` listens when it is not given.
+DEFAULT_LISTEN = "tcp:8478"
+#: The environment variable that may hold the access key.
+ACCESS_KEY_VARIABLE = "NATRENDEZVOUS_ACCESS_KEY"
+#: Largest access key file read.
+MAX_ACCESS_KEY_FILE = 4096
+
+_DEFAULT_LIMITS = RendezvousLimits()
+_DEFAULT_RELAY = RelayLimits()
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmg]?)(?:i?b)?(?:/s)?", re.ASCII | re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def _port(value: str) -> int:
@@ -39,6 +61,167 @@ def _count(value: str) -> int:
     return int(value)
 
 
+def _rate(value: str) -> float:
+    match = _RATE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a number of bytes per second "
+            "(such as 4194304, 512K or 4M; 0: no cap)"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _naming(parameters: list[list[Any]]) -> list[list[Any]]:
+    """Make each parameter's conversion errors name its option."""
+
+    def named(option: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+        def convert(value: str) -> Any:
+            try:
+                return coerce(value)
+            except ValueError as e:
+                raise ValueError(f"--{option}: {e}") from None
+
+        return convert
+
+    return [[*p[:4], named(p[0], p[4])] if len(p) > 4 else p for p in parameters]
+
+
+def read_access_key(path: str) -> bytes:
+    """
+    The access key in *path*: its content, without surrounding whitespace
+    (a trailing newline).
+
+    :raises usage.UsageError: when the file cannot be read, other users may
+        read or change it, or it is empty or too large.
+    """
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise usage.UsageError(f"--access-key-file {path}: not a regular file")
+            if mode & 0o007:
+                raise usage.UsageError(
+                    f"--access-key-file {path}: other users may read it (mode "
+                    f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}, and change the key if "
+                    "others may have read it"
+                )
+            content = file.read(MAX_ACCESS_KEY_FILE + 1)
+    except OSError as e:
+        raise usage.UsageError(f"--access-key-file {path}: {e.strerror}") from None
+    if len(content) > MAX_ACCESS_KEY_FILE:
+        raise usage.UsageError(
+            f"--access-key-file {path}: larger than {MAX_ACCESS_KEY_FILE} bytes; is it the key?"
+        )
+    key = content.strip()
+    if not key:
+        raise usage.UsageError(f"--access-key-file {path}: the file is empty")
+    return key
+
+
+_PARAMETERS: list[list[Any]] = [
+    ["stun-port", None, 3478, "UDP and TCP port of the STUN service.", _port],
+    [
+        "stun-interface",
+        None,
+        "0.0.0.0",
+        "Address the STUN service listens on; a specific address when --alt-address is given.",
+    ],
+    [
+        "alt-address",
+        None,
+        None,
+        "Second IP address of this host: turns on RFC 5780 (OTHER-ADDRESS, "
+        "CHANGE-REQUEST) and RFC 3489 CHANGED-ADDRESS.",
+    ],
+    ["alt-port", None, 3479, "Second port, used with --alt-address.", _port],
+    [
+        "software",
+        None,
+        None,
+        "SOFTWARE attribute text added to every STUN answer (off by default: smaller answers).",
+    ],
+    [
+        "tcp-idle-timeout",
+        None,
+        10.0,
+        "Seconds a STUN/TCP connection may stay without a complete request.",
+        _positive,
+    ],
+    ["max-tcp-connections", None, 1000, "Concurrent STUN/TCP connections at most.", _count],
+    [
+        "registration-ttl",
+        None,
+        _DEFAULT_LIMITS.registration_ttl,
+        "Seconds a registration lives without Refresh.",
+        _positive,
+    ],
+    [
+        "max-registrations",
+        None,
+        _DEFAULT_LIMITS.max_registrations,
+        "Registrations at once.",
+        _count,
+    ],
+    [
+        "max-registrations-per-ip",
+        None,
+        _DEFAULT_LIMITS.max_registrations_per_ip,
+        "Registrations at once from one IP address.",
+        _count,
+    ],
+    [
+        "introduction-ttl",
+        None,
+        _DEFAULT_LIMITS.introduction_ttl,
+        "Seconds an introduction (usable by Reverse and Relay) lives.",
+        _positive,
+    ],
+    [
+        "max-introductions",
+        None,
+        _DEFAULT_LIMITS.max_introductions,
+        "Introductions pending at once.",
+        _count,
+    ],
+    [
+        "handshake-timeout",
+        None,
+        _DEFAULT_LIMITS.handshake_timeout,
+        "Seconds a rendezvous connection has to authenticate.",
+        _positive,
+    ],
+    [
+        "max-connections",
+        None,
+        _DEFAULT_LIMITS.max_connections,
+        "Rendezvous connections at once (relay connections included).",
+        _count,
+    ],
+    ["relay-max", None, _DEFAULT_RELAY.max_relays, "Relays at once.", _count],
+    [
+        "relay-rate",
+        None,
+        _DEFAULT_RELAY.rate,
+        "Bytes per second in each direction of each relay (K, M, G: KiB, MiB, GiB); 0: no cap.",
+        _rate,
+    ],
+    [
+        "relay-lifetime",
+        None,
+        _DEFAULT_RELAY.lifetime,
+        "Seconds a relay may run.",
+        _positive,
+    ],
+    [
+        "access-key-file",
+        None,
+        None,
+        "File holding the access key clients must prove they know (mode 0600 or "
+        f"stricter). The environment variable {ACCESS_KEY_VARIABLE} may hold it instead.",
+    ],
+]
+
+
 class Options(usage.Options):
     """
     Options of ``twistd natrendezvous``.
@@ -47,44 +230,59 @@ class Options(usage.Options):
     synopsis = "[natrendezvous options]"
     longdesc = (
         "Run the public side of nattraverse: a STUN server on UDP and TCP "
-        "(default port 3478). Give --alt-address, a second IP address of this "
-        "host, to enable RFC 5780 NAT behaviour discovery and the RFC 3489 tests "
-        "classic clients run."
+        "(default port 3478), and the rendezvous and relay on every --listen "
+        f"endpoint (default {DEFAULT_LISTEN}). Give --alt-address, a second IP "
+        "address of this host, to enable RFC 5780 NAT behaviour discovery and the "
+        "RFC 3489 tests classic clients run. The access key, if any, comes from "
+        f"--access-key-file or the environment variable {ACCESS_KEY_VARIABLE}."
     )
 
-    optParameters = [
-        ["stun-port", None, 3478, "UDP and TCP port of the STUN service.", _port],
-        [
-            "stun-interface",
-            None,
-            "0.0.0.0",
-            "Address the STUN service listens on; a specific address when --alt-address is given.",
-        ],
-        [
-            "alt-address",
-            None,
-            None,
-            "Second IP address of this host: turns on RFC 5780 (OTHER-ADDRESS, "
-            "CHANGE-REQUEST) and RFC 3489 CHANGED-ADDRESS.",
-        ],
-        ["alt-port", None, 3479, "Second port, used with --alt-address.", _port],
-        [
-            "software",
-            None,
-            None,
-            "SOFTWARE attribute text added to every STUN answer (off by default: smaller answers).",
-        ],
-        [
-            "tcp-idle-timeout",
-            None,
-            10.0,
-            "Seconds a STUN/TCP connection may stay without a complete request.",
-            _positive,
-        ],
-        ["max-tcp-connections", None, 1000, "Concurrent STUN/TCP connections at most.", _count],
-    ]
+    optFlags = [["no-relay", None, "Turn the relay off (Relay requests are refused)."]]
+
+    optParameters = _naming(_PARAMETERS)
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        self["listen"].append(description)
+
+    opt_listen.__doc__ = (
+        "Endpoint description the rendezvous listens on; repeatable "
+        "(tcp:8478, tcp6:8478, ssl:8479:privateKey=key.pem:certKey=cert.pem). "
+        f"[default: {DEFAULT_LISTEN}]"
+    )
 
     def postOptions(self) -> None:
+        self._check_stun()
+        self._check_rendezvous()
+
+    def _check_rendezvous(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            try:
+                # Parse only: the endpoint is built again, with the reactor,
+                # by makeService.  TLS key files are read here, so mistakes
+                # show up as usage errors.
+                serverFromString(None, description)
+            except Exception as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+        path = self["access-key-file"]
+        from_environment = os.environ.get(ACCESS_KEY_VARIABLE, "").strip()
+        if path is not None and from_environment:
+            raise usage.UsageError(
+                f"--access-key-file and {ACCESS_KEY_VARIABLE} are both given; give the key once"
+            )
+        if path is not None:
+            self["access-key"] = read_access_key(path)
+        elif from_environment:
+            self["access-key"] = from_environment.encode("utf-8")
+        else:
+            self["access-key"] = None
+
+    def _check_stun(self) -> None:
         for name in ("stun-interface", "alt-address"):
             value = self[name]
             if value is None:
@@ -133,4 +331,33 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     stun.setName("stun")  # type: ignore[no-untyped-call]
     stun.setServiceParent(top)  # type: ignore[no-untyped-call]
+    limits = RendezvousLimits(
+        registration_ttl=options["registration-ttl"],
+        max_registrations=options["max-registrations"],
+        max_registrations_per_ip=options["max-registrations-per-ip"],
+        introduction_ttl=options["introduction-ttl"],
+        max_introductions=options["max-introductions"],
+        handshake_timeout=options["handshake-timeout"],
+        max_connections=options["max-connections"],
+    )
+    hub = None
+    if not options["no-relay"]:
+        hub = RelayHub(
+            reactor,
+            RelayLimits(
+                max_relays=options["relay-max"],
+                rate=options["relay-rate"],
+                lifetime=options["relay-lifetime"],
+            ),
+        )
+    rendezvous = RendezvousService(
+        reactor,
+        options["listen"],
+        limits,
+        relay_hub=hub,
+        access_key=options["access-key"],
+        stun_port=options["stun-port"],
+    )
+    rendezvous.setName("rendezvous")  # type: ignore[no-untyped-call]
+    rendezvous.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
