@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+from nattraverse._keyfile import MAX_KEY_FILE, read_key_file
 
 if TYPE_CHECKING:
     from nattraverse.endpoints import PunchClientEndpoint, PunchServerEndpoint
@@ -43,7 +44,7 @@ __all__ = [
 ACCESS_KEY_ENVIRONMENT = "NATTRAVERSE_ACCESS_KEY"
 
 #: Largest access key file read (as ``twistd natrendezvous`` reads its own).
-MAX_ACCESS_KEY_FILE = 4096
+MAX_ACCESS_KEY_FILE = MAX_KEY_FILE
 
 #: The keys each side takes.
 CLIENT_KEYS = ("peer", "rendezvous", "identity", "methods", "timeout", "accessKeyFile")
@@ -141,24 +142,9 @@ def _access_key(path: str | None, environ: Mapping[str, str]) -> bytes | None:
     """
     if path is not None:
         try:
-            with open(os.path.expanduser(path), "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                if not stat.S_ISREG(mode):
-                    raise ValueError(f"punch: accessKeyFile={path!r} is not a regular file")
-                if mode & 0o007:
-                    raise ValueError(
-                        f"punch: accessKeyFile={path!r}: other users may read it (mode "
-                        f"{stat.S_IMODE(mode):04o}); run chmod 600 on it"
-                    )
-                content = f.read(MAX_ACCESS_KEY_FILE + 1)
-        except OSError as e:
-            raise ValueError(f"punch: accessKeyFile={path!r} cannot be read: {e.strerror}") from e
-        key = content.strip()
-        if not key or len(content) > MAX_ACCESS_KEY_FILE:
-            raise ValueError(
-                f"punch: accessKeyFile={path!r} holds no key of 1 to {MAX_ACCESS_KEY_FILE} bytes"
-            )
-        return key
+            return read_key_file(path)
+        except ValueError as e:
+            raise ValueError(f"punch: accessKeyFile={path!r}: {e}") from None
     from_environment = environ.get(ACCESS_KEY_ENVIRONMENT, "").strip()
     return from_environment.encode("utf-8") if from_environment else None
 

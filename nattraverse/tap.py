@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from nattraverse._keyfile import MAX_KEY_FILE, read_key_file
 from nattraverse.rendezvous.relay import RelayHub, RelayLimits
 from nattraverse.rendezvous.server import RendezvousLimits, RendezvousService
 from nattraverse.stun.server import StunServer
@@ -31,7 +31,7 @@ DEFAULT_LISTEN = "tcp:8478"
 #: The environment variable that may hold the access key.
 ACCESS_KEY_VARIABLE = "NATRENDEZVOUS_ACCESS_KEY"
 #: Largest access key file read.
-MAX_ACCESS_KEY_FILE = 4096
+MAX_ACCESS_KEY_FILE = MAX_KEY_FILE
 
 _DEFAULT_LIMITS = RendezvousLimits()
 _DEFAULT_RELAY = RelayLimits()
@@ -95,27 +95,9 @@ def read_access_key(path: str) -> bytes:
         read or change it, or it is empty or too large.
     """
     try:
-        with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise usage.UsageError(f"--access-key-file {path}: not a regular file")
-            if mode & 0o007:
-                raise usage.UsageError(
-                    f"--access-key-file {path}: other users may read it (mode "
-                    f"{stat.S_IMODE(mode):04o}); run chmod 600 {path}, and change the key if "
-                    "others may have read it"
-                )
-            content = file.read(MAX_ACCESS_KEY_FILE + 1)
-    except OSError as e:
-        raise usage.UsageError(f"--access-key-file {path}: {e.strerror}") from None
-    if len(content) > MAX_ACCESS_KEY_FILE:
-        raise usage.UsageError(
-            f"--access-key-file {path}: larger than {MAX_ACCESS_KEY_FILE} bytes; is it the key?"
-        )
-    key = content.strip()
-    if not key:
-        raise usage.UsageError(f"--access-key-file {path}: the file is empty")
-    return key
+        return read_key_file(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--access-key-file {path}: {e}") from None
 
 
 _PARAMETERS: list[list[Any]] = [
