@@ -95,6 +95,22 @@ class CallerContext:
         """The secrets of a path of *method* to the callee."""
         return path_secrets(self.introduction, method)
 
+    def opening_path(self, method: str) -> SecurePath:
+        """
+        A caller path of *method* on a connection this side opens (it sends
+        the preamble).
+        """
+        from nattraverse.secure import SecurePath
+
+        return SecurePath(
+            self.reactor,
+            self.identity,
+            "caller",
+            secrets=self.secrets(method),
+            send_preamble=True,
+            timeout=self.timeout,
+        )
+
 
 @dataclass(frozen=True)
 class CalleeContext:
@@ -119,6 +135,24 @@ class CalleeContext:
     def secrets(self, introduction: Introduction, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the caller of *introduction*."""
         return path_secrets(introduction, method)
+
+    def known_path(
+        self, introduction: Introduction, method: str, *, send_preamble: bool
+    ) -> SecurePath:
+        """
+        A callee path of *method* whose session this side already knows: it
+        opened the connection (*send_preamble*), or joined the relay.
+        """
+        from nattraverse.secure import SecurePath
+
+        return SecurePath(
+            self.reactor,
+            self.identity,
+            "callee",
+            secrets=self.secrets(introduction, method),
+            send_preamble=send_preamble,
+            timeout=self.timeout,
+        )
 
 
 class ITraversalMethod(Interface):

@@ -82,17 +82,9 @@ class DirectMethod(TraversalMethod):
     def attempt(self, context: CallerContext) -> Deferred[SecurePath]:
         """Dial every address at once; the first authenticated path wins."""
         from nattraverse._race import Contender, Race, discard_path, open_tcp_path
-        from nattraverse.secure import SecurePath
 
         def dial(host: str, port: int) -> Deferred[SecurePath]:
-            path = SecurePath(
-                context.reactor,
-                context.identity,
-                "caller",
-                secrets=context.secrets(self.name),
-                send_preamble=True,
-                timeout=context.timeout,
-            )
+            path = context.opening_path(self.name)
             return open_tcp_path(context.reactor, host, port, path, context.timeout)
 
         expected = context.introduction.peer.peer_id

@@ -81,17 +81,9 @@ class RelayMethod(TraversalMethod):
         from twisted.internet.defer import Deferred
 
         async def run() -> SecurePath:
-            from nattraverse.secure import SecurePath
 
             token, _lifetime = await context.session.relay(context.introduction.session)
-            path = SecurePath(
-                context.reactor,
-                context.identity,
-                "caller",
-                secrets=context.secrets(self.name),
-                send_preamble=True,
-                timeout=context.timeout,
-            )
+            path = context.opening_path(self.name)
             return await _join(
                 context.reactor,
                 context.rendezvous,
@@ -110,16 +102,7 @@ class RelayMethod(TraversalMethod):
         """Join the relay the caller allocated; the caller sends the preamble."""
         from twisted.internet.defer import Deferred
 
-        from nattraverse.secure import SecurePath
-
-        path = SecurePath(
-            context.reactor,
-            context.identity,
-            "callee",
-            secrets=context.secrets(introduction, self.name),
-            send_preamble=False,
-            timeout=context.timeout,
-        )
+        path = context.known_path(introduction, self.name, send_preamble=False)
         return Deferred.fromCoroutine(
             _join(
                 context.reactor,

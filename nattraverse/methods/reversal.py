@@ -184,14 +184,6 @@ class ReversalMethod(TraversalMethod):
     ) -> Deferred[SecurePath] | None:
         """Dial the caller at *host*:*port* and send the preamble."""
         from nattraverse._race import open_tcp_path
-        from nattraverse.secure import SecurePath
 
-        path = SecurePath(
-            context.reactor,
-            context.identity,
-            "callee",
-            secrets=context.secrets(introduction, self.name),
-            send_preamble=True,
-            timeout=context.timeout,
-        )
+        path = context.known_path(introduction, self.name, send_preamble=True)
         return open_tcp_path(context.reactor, host, port, path, context.timeout)
