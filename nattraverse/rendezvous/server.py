@@ -296,9 +296,9 @@ class RendezvousService(Service):
         )
         _log.info(
             "rendezvous on {ports} (relay: {relay}, access key: {access})",
-            ports=", ".join(str(port.getHost()) for port in self.ports) or "(pending)",
-            relay=self.factory.relay_hub is not None,
-            access=self.factory.access_key is not None,
+            ports=", ".join(_address_text(port.getHost()) for port in self.ports) or "(pending)",
+            relay="on" if self.factory.relay_hub is not None else "off",
+            access="on" if self.factory.access_key is not None else "off",
         )
 
     def _listening(self, port: IListeningPort) -> None:
@@ -327,3 +327,11 @@ class RendezvousService(Service):
         if self.factory.relay_hub is not None:
             self.factory.relay_hub.close()
         return defer.gatherResults(waits).addCallback(lambda _: None)
+
+
+def _address_text(address: object) -> str:
+    """``host:port`` for an IP address, else what the address says of itself."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
