@@ -37,7 +37,10 @@ REPO_ROOT = HERE.parent.parent
 HOST = "127.0.0.1"
 MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 
-DEFAULT_OURS_CMD = "{twistd} -n natrendezvous --stun-port {port} --stun-interface {host}"
+DEFAULT_OURS_CMD = (
+    "{twistd} -n natrendezvous --stun-port {port} --stun-interface {host} "
+    "--listen tcp:0:interface={host}"
+)
 SERVER_NAMES = ("ours", "twisted-minimal", "coturn")
 
 _PR_SET_PDEATHSIG = 1

@@ -221,6 +221,10 @@ def start_rendezvous(directory: Path, *options: str, attempts: int = 3) -> Rende
             "natrendezvous",
             *options,
         ]
+        if "--listen" not in options:
+            # The rendezvous on a free loopback port: never 8478, which
+            # another server of the same run (or of the machine) may hold.
+            args += ["--listen", "tcp:0:interface=127.0.0.1"]
         server = _spawn(args, run_directory, log, env)
         try:
             endpoints = _wait_for_listening(server, STARTUP_TIMEOUT)
