@@ -198,3 +198,48 @@ def test_relay_between_two_port_restricted_nats(lab: Lab, tmp_path: Path) -> Non
     assert mine["method"] == "relay"
     assert theirs["method"] == "relay"
     assert mine["remote"] == f"{RENDEZVOUS_ADDRESS}:{RENDEZVOUS_PORT}"
+
+
+def test_abuse_is_refused_and_everyone_else_is_served(lab: Lab, tmp_path: Path) -> None:
+    """
+    A peer behind a NAT that asks for unknown peers, steals a name, asks for
+    a relay without an introduction, asks to be called back at its private
+    address and sends garbage gets a clear refusal for each; a well-behaved
+    caller is served right after.
+    """
+    lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
+    callee = lab.public_host("callee")
+    nat = lab.nat("nat", Preset.PORT_RESTRICTED)
+    mallory = lab.host("mallory", behind=nat)
+    caller = lab.public_host("caller")
+    server = lab.nodes["rendezvous"]
+    assert isinstance(server, PublicHost)
+    with _rendezvous(server, tmp_path), _listener(callee, tmp_path):
+        abuse = mallory.run(
+            [
+                sys.executable, "-m", "tests.lab.rendezvous_abuse_client",
+                RENDEZVOUS_ADDRESS, str(RENDEZVOUS_PORT), "alice", mallory.address,
+            ],
+            env=repo_environment(),
+            timeout=TRANSFER_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+        assert abuse.returncode == 0, abuse.stderr
+        outcome = json.loads(abuse.stdout.strip().splitlines()[-1])
+        assert outcome == {
+            "unknown_peer": "PeerNotFound",
+            "stolen_name": "NameTaken",
+            "relay_without_introduction": "RelayRefused",
+            "introduced": "accepted",
+            "reversal_elsewhere": "ReversalRefused",
+            "garbage": "closed",
+        }
+        served = caller.run(
+            _natcat("alice", "--rendezvous", RENDEZVOUS, "--quit-after", "1"),
+            input="still served\n",
+            env=repo_environment(),
+            timeout=TRANSFER_TIMEOUT,
+            check=False,
+        )
+        assert served.returncode == 0, served.stderr
+        assert served.stdout == "still served\n"
