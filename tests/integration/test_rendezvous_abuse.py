@@ -32,18 +32,17 @@ from nattraverse.identity import Identity
 from nattraverse.rendezvous.commands import (
     Authenticate,
     Connect,
-    DialBack,
     Hello,
     Introduce,
     Lookup,
     Refresh,
     Register,
     Relay,
-    RelayOffer,
     Reverse,
 )
 from nattraverse.rendezvous.relay import RelayHub, RelayLimits
 from nattraverse.rendezvous.server import MAX_BOX_SIZE, RendezvousService
+from tests.integration.rendezvous_peer import Peer
 
 LOCALHOST = "127.0.0.1"
 #: Seconds any single wait in these tests may take.
@@ -56,38 +55,6 @@ def reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-class Peer(amp.AMP):
-    """A minimal rendezvous client that records what the server sends it."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.sent_to_me: list[tuple[bytes, dict[str, Any]]] = []
-        self.closed: Deferred[None] = Deferred()
-
-    @Introduce.responder
-    def _introduce(self, **arguments: Any) -> dict[str, Any]:
-        self.sent_to_me.append((Introduce.commandName, arguments))
-        return {}
-
-    @DialBack.responder
-    def _dial_back(self, **arguments: Any) -> dict[str, Any]:
-        self.sent_to_me.append((DialBack.commandName, arguments))
-        return {}
-
-    @RelayOffer.responder
-    def _relay_offer(self, **arguments: Any) -> dict[str, Any]:
-        self.sent_to_me.append((RelayOffer.commandName, arguments))
-        return {}
-
-    def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[Any]:
-        """callRemote, typed."""
-        return self.callRemote(command, **arguments)  # type: ignore[no-any-return,no-untyped-call]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-        self.closed.callback(None)
 
 
 class Raw(Protocol):
@@ -276,7 +243,9 @@ async def test_reverse_naming_another_address(server: Server) -> None:
     await server.still_serves()
     # Anything the server sent the callee came before this answer.
     await callee.call(Refresh)
-    assert [command for command, _ in callee.sent_to_me] == [Introduce.commandName]
+    assert [(command, len(sent)) for command, sent in callee.received.items()] == [
+        (Introduce.commandName, 1)
+    ]
 
 
 @pytest.mark.parametrize(
