@@ -87,14 +87,16 @@ def _rendezvous(server: PublicHost, directory: Path) -> Iterator[subprocess.Pope
 
 
 @contextmanager
-def _listener(callee: Node, directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def _listener(
+    callee: Node, directory: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """``natcat --listen alice --echo`` on *callee*, once it is registered."""
     report = directory / "callee.err"
     with report.open("wb") as sink:
         process = callee.popen(
             _natcat(
                 "--listen", "alice", "--rendezvous", RENDEZVOUS, "--echo", "--json-report",
-                "--identity", str(directory / "alice.key"),
+                "--identity", str(directory / "alice.key"), *extra,
             ),
             stderr=sink,
             env=repo_environment(),
@@ -118,7 +120,7 @@ def _reports(text: str) -> list[dict[str, Any]]:
 
 
 def _echo_through(
-    lab: Lab, caller: Node, callee: Node, tmp_path: Path
+    lab: Lab, caller: Node, callee: Node, tmp_path: Path, *listen: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     Send 1 MiB from *caller* to *callee*'s echo and back; return both sides'
@@ -129,7 +131,7 @@ def _echo_through(
     source.write_bytes(payload)
     server = lab.nodes["rendezvous"]
     assert isinstance(server, PublicHost)
-    with _rendezvous(server, tmp_path), _listener(callee, tmp_path) as (_, callee_report):
+    with _rendezvous(server, tmp_path), _listener(callee, tmp_path, *listen) as (_, callee_report):
         with source.open("rb") as stdin:
             process = caller.popen(
                 _natcat("alice", "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", "3"),
@@ -243,3 +245,45 @@ def test_abuse_is_refused_and_everyone_else_is_served(lab: Lab, tmp_path: Path) 
         )
         assert served.returncode == 0, served.stderr
         assert served.stdout == "still served\n"
+
+
+#: A TCP echo server: what an unrelated host at the callee's private
+#: address might run.  It prints a line for each connection it accepts.
+_ECHO_SERVER = """
+import socket, sys, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", int(sys.argv[1])))
+server.listen()
+def echo(connection):
+    with connection:
+        for data in iter(lambda: connection.recv(65536), b""):
+            connection.sendall(data)
+while True:
+    connection, peer = server.accept()
+    print("accepted", peer[0], flush=True)
+    threading.Thread(target=echo, args=(connection,), daemon=True).start()
+"""
+
+
+def test_a_private_address_that_reaches_another_host_is_rejected(lab: Lab, tmp_path: Path) -> None:
+    """
+    The callee's private address, seen from the caller's own LAN, is an
+    unrelated host (same prefix behind both NATs) that echoes everything
+    back: the caller reaches it, the path fails authentication and is
+    dropped, and the relay carries the connection.
+    """
+    lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
+    callee_nat = lab.nat("nata", Preset.PORT_RESTRICTED, lan="10.77.0.0/24")
+    caller_nat = lab.nat("natb", Preset.PORT_RESTRICTED, lan="10.77.0.0/24")
+    callee = lab.host("callee", behind=callee_nat, address="10.77.0.20")
+    decoy = lab.host("decoy", behind=caller_nat, address="10.77.0.20")
+    caller = lab.host("caller", behind=caller_nat, address="10.77.0.30")
+    decoy_log = tmp_path / "decoy.out"
+    with decoy_log.open("wb") as sink:
+        decoy.popen([sys.executable, "-c", _ECHO_SERVER, "7000"], stdout=sink)
+    mine, theirs = _echo_through(lab, caller, callee, tmp_path, "--port", "7000")
+    assert mine["method"] == "relay"
+    assert theirs["method"] == "relay"
+    # The caller did try the private address, and reached the decoy.
+    assert "accepted 10.77.0.30" in decoy_log.read_text()
