@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IT
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import react
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json-report",
         action="store_true",
         help="write one JSON object per connection to stderr: peer, method, remote, connect_ms",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log to stderr what happens: registration, each method tried and why it failed",
     )
     parser.add_argument(
         "-q",
@@ -430,6 +436,8 @@ def run(reactor: Any, argv: Sequence[str], stderr: TextIO | None = None) -> defe
     options = parser.parse_args(list(argv))
     _check(parser, options)
     out = sys.stderr if stderr is None else stderr
+    if options.verbose:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
     if options.listen is not None:
         return defer.Deferred.fromCoroutine(_listen(reactor, options, out))
     return defer.Deferred.fromCoroutine(_connect(reactor, options, out))

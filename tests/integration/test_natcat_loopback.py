@@ -1,0 +1,116 @@
+"""
+``natcat`` as a user runs it, on loopback and without root: ``twistd
+natrendezvous`` in a subprocess, ``natcat --listen alice --echo`` in
+another, and ``natcat alice`` with a file on stdin, for each method and
+for the default race; plus what a caller prints when no method works.
+The NAT lab runs the same commands across real NATs (tests/lab).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop.helpers import REPO_ROOT, start_rendezvous
+
+PAYLOAD_SIZE = 256 * 1024
+TIMEOUT = 30.0
+
+
+def _environment() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def _natcat(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "nattraverse.natcat", *arguments]
+
+
+@pytest.fixture(scope="module")
+def rendezvous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The client endpoint description of a ``twistd natrendezvous`` on 127.0.0.1."""
+    directory = tmp_path_factory.mktemp("natcat")
+    with start_rendezvous(directory, "--stun-port", "0", "--stun-interface", "127.0.0.1") as rv:
+        deadline = time.monotonic() + TIMEOUT
+        while (
+            found := re.search(r"rendezvous on 127\.0\.0\.1:(\d+)", rv.server.log_text())
+        ) is None:
+            assert time.monotonic() < deadline, rv.server.log_text()
+            time.sleep(0.05)
+        yield f"tcp:127.0.0.1:{found.group(1)}"
+
+
+@pytest.fixture(scope="module")
+def alice(rendezvous: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``natcat --listen alice --echo --json-report``; the file its stderr goes to."""
+    directory = tmp_path_factory.mktemp("alice")
+    errors = directory / "stderr"
+    with errors.open("wb") as sink:
+        process = subprocess.Popen(
+            _natcat(
+                "--listen", "alice", "--rendezvous", rendezvous, "--echo", "--json-report",
+                "--identity", str(directory / "alice.key"),
+            ),
+            stdin=subprocess.DEVNULL,
+            stderr=sink,
+            env=_environment(),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "listening as alice" not in errors.read_text():
+            assert process.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, errors.read_text()
+            time.sleep(0.05)
+        yield errors
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.mark.parametrize("methods", ["direct", "reversal", "relay", None])
+def test_a_file_echoes_back_intact(
+    rendezvous: str, alice: Path, tmp_path: Path, methods: str | None
+) -> None:
+    """256 KiB through natcat come back byte for byte; the report names the method."""
+    payload = os.urandom(PAYLOAD_SIZE)
+    extra = ["--methods", methods] if methods else []
+    result = subprocess.run(
+        _natcat("alice", "--rendezvous", rendezvous, "--json-report", "-q", "1", *extra),
+        input=payload,
+        capture_output=True,
+        env=_environment(),
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == payload
+    [line] = [json.loads(x) for x in result.stderr.decode().splitlines() if x.startswith("{")]
+    assert line["method"] == (methods or "direct")
+    assert line["peer"] in alice.read_text()
+    assert line["connect_ms"] > 0
+
+
+def test_an_unknown_peer_fails_with_status_1(rendezvous: str) -> None:
+    """Connecting to a name nobody registered exits 1 and says so."""
+    result = subprocess.run(
+        _natcat("nobody", "--rendezvous", rendezvous),
+        input=b"",
+        capture_output=True,
+        env=_environment(),
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "nobody" in result.stderr.decode()
