@@ -101,13 +101,6 @@ class TcpResponder(Protocol):
                 self.transport.write(reply)
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 @pytest_twisted.async_yield_fixture
 async def ports(reactor: Any) -> AsyncIterator[list[Any]]:
     """Ports opened by a test; closed (and waited for) afterwards."""

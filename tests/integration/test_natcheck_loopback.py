@@ -48,13 +48,6 @@ JSON_KEYS = {
 }
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def _second_address() -> None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:

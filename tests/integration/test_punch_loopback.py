@@ -48,13 +48,6 @@ TIMEOUT = 20.0
 SETTLE = 3.0
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -30,13 +30,6 @@ LOCALHOST = "127.0.0.1"
 REREGISTER_WITHIN = 20.0
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         assert self.transport is not None

@@ -33,13 +33,6 @@ TIMEOUT = 20.0
 PAYLOAD_SIZE = 256 * 1024
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate for *name* and 127.0.0.1: (key+cert PEM, CA directory)."""
     key = ec.generate_private_key(ec.SECP256R1())

@@ -41,13 +41,6 @@ CALLEE_ID = PeerId(b"\x02" * 32)
 SESSION = b"s" * 16
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def join_box(token: bytes) -> bytes:
     """The bytes of a ``RelayJoin`` request, as an AMP client sends them."""
     box = amp.AmpBox({b"_ask": b"1", b"_command": b"RelayJoin", b"token": token})

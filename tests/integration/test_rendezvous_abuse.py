@@ -50,13 +50,6 @@ WAIT = 5.0
 ALICE, MALLORY, CAROL = Identity.generate(), Identity.generate(), Identity.generate()
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 class Raw(Protocol):
     """A client that writes raw bytes and notices when it is cut off."""
 

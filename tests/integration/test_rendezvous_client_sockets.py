@@ -38,13 +38,6 @@ LOCALHOST = "127.0.0.1"
 STEP = 10.0
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def within(reactor: Any, d: Deferred[T], seconds: float = STEP) -> Deferred[T]:
     """*d*, failing with TimeoutError after *seconds*."""
     return d.addTimeout(seconds, reactor)

@@ -44,13 +44,6 @@ WAIT = 5.0
 ALICE, BOB = Identity.generate(), Identity.generate()
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 class Sink(Protocol):
     """The relayed side of a joined connection: collects bytes."""
 

@@ -40,13 +40,6 @@ FLOOD_LIMIT = 256 * MEGABYTE
 CHUNK = 16 * 1024
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 class TrackedPath(SecurePath):
     """A path that says when its raw connection has closed."""
 

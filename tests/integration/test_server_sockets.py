@@ -59,13 +59,6 @@ def responder_answer(txid: bytes, source: tuple[str, int]) -> bytes:
     return reply.payload
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 @dataclass
 class Opened:
     """Servers and ports a test opened; stopped and closed afterwards."""
