@@ -1,0 +1,619 @@
+"""
+The connectivity check machine of UDP hole punching, sans I/O: ICE-style
+checks (RFC 8445 sections 6.1.4, 7.2, 7.3, 8.1) between two introduced
+peers.  Wire interoperability with ICE agents is not a goal.
+
+Inputs are received datagrams and the time; outputs are datagrams to send
+(:meth:`CheckMachine.take_datagrams`) and the next time the machine wants
+to be woken (:meth:`CheckMachine.next_deadline`).  It never reads a clock.
+
+Checks are STUN Binding requests (RFC 8489) with USERNAME
+``"<receiver ufrag>:<sender ufrag>"``, PRIORITY, ICE-CONTROLLING or
+ICE-CONTROLLED, MESSAGE-INTEGRITY keyed by the *receiver's* key, and
+FINGERPRINT; responses carry XOR-MAPPED-ADDRESS and MESSAGE-INTEGRITY with
+the same key.  Keys and ufrags come from the introduction's session secret
+(:meth:`IceCredentials.from_secret`)::
+
+    key(role)   = HMAC-SHA256(secret, b"nattraverse ice v1 key " + role)
+    ufrag(role) = hex(HMAC-SHA256(secret, b"nattraverse ice v1 ufrag " + role)[:4])
+
+with ``role`` ``b"caller"`` (controlling) or ``b"callee"`` (controlled).
+Anything that fails decoding, USERNAME, integrity, FINGERPRINT or the
+role check is dropped and counted in :class:`CheckStats`, and changes no
+state: a path is never chosen on an unauthenticated packet.
+
+Pacing and retransmission: one new check (triggered ones first, then the
+next waiting pair in :func:`~nattraverse.punch.candidates.form_pairs`
+order) every :attr:`CheckConfig.ta`; each check is retransmitted after
+``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
+to ``max_tries`` sends, and times out ``rm * rto`` after the last.  A
+timed-out pair is checked again later while its budget lasts (the peer's
+NAT may open meanwhile).  Requests sent are bounded per pair and in total;
+the machine fails with :class:`PunchChecksFailed` when the budget is spent
+with nothing in flight, or at the overall deadline.
+
+Nomination (RFC 8445 section 8.1.1, regular nomination): the controlling
+side (the caller) picks the first pair validated in both directions (its
+own check answered, and an authenticated check from the peer received on
+it) and checks it again with USE-CANDIDATE; the answer ends the machine.
+The controlled side ends when a USE-CANDIDATE check arrives on a pair
+whose own check was answered (or as soon as it is).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nattraverse._types import Endpoint
+from nattraverse.errors import NatTraverseError, StunDecodeError, StunIntegrityError
+from nattraverse.punch.candidates import (
+    Candidate,
+    CandidateKind,
+    CandidatePair,
+    candidate_priority,
+    form_pairs,
+    make_pair,
+)
+from nattraverse.stun.attributes import (
+    Attribute,
+    Fingerprint,
+    IceControlled,
+    IceControlling,
+    Priority,
+    UseCandidate,
+    Username,
+    XorMappedAddress,
+)
+from nattraverse.stun.constants import MessageClass, Method
+from nattraverse.stun.message import Message, decode, encode, is_stun
+
+__all__ = [
+    "CheckConfig",
+    "CheckMachine",
+    "CheckStats",
+    "IceCredentials",
+    "PairState",
+    "PunchChecksFailed",
+]
+
+
+class PunchChecksFailed(NatTraverseError):
+    """
+    Connectivity checks found no path to the peer within their budget.
+
+    :ivar reason: ``"deadline"`` (the overall deadline passed) or
+        ``"budget"`` (every check allowed was sent and timed out).
+    :ivar seen: What the checks observed, in words: pairs tried and how
+        they ended, where the peer's checks came from, the NAT behaviour
+        that suggests, packets dropped.
+    :ivar stats: The counters at the end.
+    """
+
+    def __init__(self, reason: str, seen: str, stats: CheckStats) -> None:
+        what = "overall deadline passed" if reason == "deadline" else "check budget spent"
+        super().__init__(f"UDP hole punching failed: {what}; {seen}")
+        self.reason = reason
+        self.seen = seen
+        self.stats = stats
+
+
+def _derive(secret: bytes, label: bytes) -> bytes:
+    return hmac.new(secret, b"nattraverse ice v1 " + label, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class IceCredentials:
+    """
+    The ufrags and MESSAGE-INTEGRITY keys of one side of a punch.
+
+    :ivar local_ufrag: Ours.
+    :ivar local_key: Checks *to* us are keyed with it.
+    :ivar remote_ufrag: The peer's.
+    :ivar remote_key: Checks to the peer are keyed with it.
+    """
+
+    local_ufrag: str
+    local_key: bytes
+    remote_ufrag: str
+    remote_key: bytes
+
+    @classmethod
+    def from_secret(cls, secret: bytes, *, controlling: bool) -> IceCredentials:
+        """Both sides' credentials from the session secret (see the module doc)."""
+        roles = (b"caller", b"callee") if controlling else (b"callee", b"caller")
+        ours, theirs = roles
+        return cls(
+            _derive(secret, b"ufrag " + ours)[:4].hex(),
+            _derive(secret, b"key " + ours),
+            _derive(secret, b"ufrag " + theirs)[:4].hex(),
+            _derive(secret, b"key " + theirs),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """
+    Pacing, retransmission and budget.
+
+    :ivar ta: Seconds between new checks (RFC 8445 section 14.2).
+    :ivar rto: First retransmission timeout; doubles after each send.
+    :ivar max_tries: Sends of one check, first included.
+    :ivar rm: A check times out ``rm * rto`` after its last send.
+    :ivar max_checks_per_pair: Requests sent on one pair, retransmissions
+        and nominations included.
+    :ivar max_checks: Requests sent in total.
+    :ivar deadline: Seconds from :meth:`CheckMachine.start` to failure.
+    """
+
+    ta: float = 0.05
+    rto: float = 0.1
+    max_tries: int = 5
+    rm: int = 8
+    max_checks_per_pair: int = 15
+    max_checks: int = 150
+    deadline: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.ta <= 0 or self.rto <= 0 or self.deadline <= 0:
+            raise ValueError("ta, rto and deadline must be positive")
+        if min(self.max_tries, self.rm, self.max_checks_per_pair, self.max_checks) < 1:
+            raise ValueError("max_tries, rm and the check budgets must be at least 1")
+
+
+class PairState(enum.Enum):
+    """RFC 8445 section 6.1.2.6 pair states (Frozen is not used)."""
+
+    WAITING = "waiting"
+    IN_PROGRESS = "in-progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class CheckStats:
+    """
+    Counters of one machine.
+
+    :ivar requests_sent: Check requests sent, retransmissions included.
+    :ivar retransmissions: Of those, retransmissions.
+    :ivar responses_sent: Success responses sent.
+    :ivar requests_received: Authenticated requests received.
+    :ivar responses_received: Authenticated responses that ended a check.
+    :ivar timeouts: Checks that got no authenticated answer.
+    :ivar malformed: Datagrams that were not STUN, or not decodable.
+    :ivar integrity_failures: Requests or responses with a wrong or missing
+        USERNAME, MESSAGE-INTEGRITY or FINGERPRINT.
+    :ivar unexpected: Authenticated-looking packets that fit no check: an
+        unknown transaction, a response from another address than the
+        request went to, the wrong role, an error response.
+    :ivar peer_reflexive: Peer-reflexive remote candidates learned.
+    """
+
+    requests_sent: int = 0
+    retransmissions: int = 0
+    responses_sent: int = 0
+    requests_received: int = 0
+    responses_received: int = 0
+    timeouts: int = 0
+    malformed: int = 0
+    integrity_failures: int = 0
+    unexpected: int = 0
+    peer_reflexive: int = 0
+
+
+@dataclass(slots=True)
+class _Pair:
+    pair: CandidatePair
+    state: PairState = PairState.WAITING
+    sent: int = 0
+    received: bool = False
+    nominate_on_success: bool = False
+    mapped: Endpoint | None = None
+    last_result: str = "not checked"
+
+
+@dataclass(slots=True)
+class _Transaction:
+    pair: _Pair
+    data: bytes
+    use_candidate: bool
+    tries: int = 1
+    next_time: float = 0.0
+    interval: float = 0.0
+    final: bool = False
+
+
+@dataclass(slots=True)
+class _Queued:
+    pair: _Pair
+    use_candidate: bool = False
+
+
+class CheckMachine:
+    """
+    One side's connectivity checks.
+
+    :param controlling: The caller's side is controlling and nominates.
+    :param credentials: Ufrags and keys (:meth:`IceCredentials.from_secret`).
+    :param local: Our candidates: the punching socket's host address first,
+        and our server-reflexive address.
+    :param remote: The peer's candidates, as the introduction gave them.
+    :param config: Pacing and budget.
+    :param random_bytes: Source of transaction ids and the tie-breaker.
+    """
+
+    def __init__(
+        self,
+        *,
+        controlling: bool,
+        credentials: IceCredentials,
+        local: Sequence[Candidate],
+        remote: Sequence[Candidate],
+        config: CheckConfig | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.controlling = controlling
+        self.credentials = credentials
+        self.config = CheckConfig() if config is None else config
+        self.local = list(local)
+        self.remote = list(remote)
+        self.stats = CheckStats()
+        self.nominated: CandidatePair | None = None
+        self.failure: PunchChecksFailed | None = None
+        self._random = random_bytes
+        self._tie_breaker = int.from_bytes(random_bytes(8), "big")
+        self._pairs: dict[Endpoint, _Pair] = {
+            p.remote.address: _Pair(p) for p in form_pairs(local, remote, controlling=controlling)
+        }
+        self._order: list[_Pair] = list(self._pairs.values())
+        self._triggered: deque[_Queued] = deque()
+        self._transactions: dict[bytes, _Transaction] = {}
+        self._outgoing: list[tuple[bytes, Endpoint]] = []
+        self._nominating: _Pair | None = None
+        self._started: float | None = None
+        self._next_pace = 0.0
+        self._mapped: set[Endpoint] = set()
+
+    # -- public surface -----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Whether a pair was nominated or the machine failed."""
+        return self.nominated is not None or self.failure is not None
+
+    @property
+    def pairs(self) -> list[CandidatePair]:
+        """The pairs in check order, peer-reflexive ones appended as learned."""
+        return [p.pair for p in self._order]
+
+    def pair_state(self, remote: tuple[str, int]) -> PairState:
+        """The state of the pair to *remote*."""
+        return self._pairs[Endpoint(remote[0], remote[1])].state
+
+    def start(self, now: float) -> None:
+        """Start checking at *now*: the first check goes out at once."""
+        if self._started is not None:
+            raise RuntimeError("the check machine was already started")
+        self._started = now
+        self._next_pace = now
+        self.handle_timer(now)
+
+    def take_datagrams(self) -> list[tuple[bytes, Endpoint]]:
+        """The datagrams to send, oldest first; the list is emptied."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` should next run, or ``None`` when done."""
+        if self.done or self._started is None:
+            return None
+        times = [self._started + self.config.deadline]
+        times.extend(t.next_time for t in self._transactions.values())
+        if self._has_work():
+            times.append(self._next_pace)
+        return min(times)
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit, time out, pace new checks and check the deadline."""
+        if self.done or self._started is None:
+            return
+        for txid, transaction in list(self._transactions.items()):
+            if transaction.next_time <= now and txid in self._transactions:
+                self._transaction_due(txid, transaction, now)
+        if now >= self._next_pace and self._send_next(now):
+            self._next_pace = now + self.config.ta
+        self._check_end(now)
+
+    def datagram_received(self, data: bytes, source: tuple[str, int], now: float) -> bool:
+        """
+        Offer a datagram from the punching socket.
+
+        :returns: Whether it was a STUN request or response, taken by the
+            machine (authenticated or counted and dropped); ``False`` for
+            anything else.  Never raises.
+        """
+        if not is_stun(data):
+            return False
+        if self.done:
+            return True
+        endpoint = Endpoint(source[0], source[1])
+        try:
+            message = decode(data)
+        except StunDecodeError:
+            self.stats.malformed += 1
+            return True
+        if message.method != Method.BINDING:
+            self.stats.unexpected += 1
+        elif message.message_class is MessageClass.REQUEST:
+            self._request(message, endpoint, now)
+        elif message.message_class in (MessageClass.SUCCESS, MessageClass.ERROR):
+            self._response(message, endpoint, now)
+        else:
+            self.stats.unexpected += 1
+        self._check_end(now)
+        return True
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._triggered) or any(
+            p.state is PairState.WAITING and self._can_send(p) for p in self._order
+        )
+
+    def _can_send(self, pair: _Pair) -> bool:
+        return (
+            pair.sent < self.config.max_checks_per_pair
+            and self.stats.requests_sent < self.config.max_checks
+        )
+
+    def _send_next(self, now: float) -> bool:
+        while self._triggered:
+            queued = self._triggered.popleft()
+            if self._can_send(queued.pair) and not self._in_flight(
+                queued.pair, queued.use_candidate
+            ):
+                self._check(queued.pair, now, use_candidate=queued.use_candidate)
+                return True
+        for pair in self._order:
+            if pair.state is PairState.WAITING and self._can_send(pair):
+                self._check(pair, now, use_candidate=False)
+                return True
+        return False
+
+    def _in_flight(self, pair: _Pair, use_candidate: bool) -> bool:
+        return any(
+            t.pair is pair and t.use_candidate == use_candidate for t in self._transactions.values()
+        )
+
+    def _check(self, pair: _Pair, now: float, *, use_candidate: bool) -> None:
+        txid = self._random(12)
+        role: Attribute = (
+            IceControlling(self._tie_breaker)
+            if self.controlling
+            else IceControlled(self._tie_breaker)
+        )
+        attributes: list[Attribute] = [
+            Username(f"{self.credentials.remote_ufrag}:{self.credentials.local_ufrag}"),
+            Priority(candidate_priority(CandidateKind.PEER_REFLEXIVE)),
+            role,
+        ]
+        if use_candidate:
+            attributes.append(UseCandidate())
+        data = encode(
+            Method.BINDING,
+            MessageClass.REQUEST,
+            txid,
+            attributes,
+            integrity_key=self.credentials.remote_key,
+            fingerprint=True,
+        )
+        transaction = _Transaction(pair, data, use_candidate, interval=self.config.rto)
+        self._transactions[txid] = transaction
+        if not use_candidate:
+            pair.state = PairState.IN_PROGRESS
+        self._send_request(pair, data)
+        self._schedule(transaction, now)
+
+    def _send_request(self, pair: _Pair, data: bytes) -> None:
+        pair.sent += 1
+        self.stats.requests_sent += 1
+        self._outgoing.append((data, pair.pair.remote.address))
+
+    def _schedule(self, transaction: _Transaction, now: float) -> None:
+        if transaction.tries >= self.config.max_tries or not self._can_send(transaction.pair):
+            transaction.final = True
+            transaction.next_time = now + self.config.rm * self.config.rto
+        else:
+            transaction.next_time = now + transaction.interval
+
+    def _transaction_due(self, txid: bytes, transaction: _Transaction, now: float) -> None:
+        pair = transaction.pair
+        if transaction.final:
+            del self._transactions[txid]
+            self.stats.timeouts += 1
+            pair.last_result = "timed out"
+            if transaction.use_candidate:
+                self._nominating = None
+                self._maybe_nominate()
+            elif pair.state is PairState.IN_PROGRESS:
+                # Checked again later while its budget lasts: the peer's
+                # NAT may have opened meanwhile.
+                pair.state = PairState.WAITING if self._can_send(pair) else PairState.FAILED
+            return
+        if not self._can_send(pair):
+            self._schedule(transaction, now)
+            return
+        transaction.tries += 1
+        transaction.interval *= 2
+        self.stats.retransmissions += 1
+        self._send_request(pair, transaction.data)
+        self._schedule(transaction, now)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _request(self, message: Message, source: Endpoint, now: float) -> None:
+        credentials = self.credentials
+        username = message.get(Username)
+        expected = f"{credentials.local_ufrag}:{credentials.remote_ufrag}"
+        if username is None or username.value != expected or message.get(Fingerprint) is None:
+            self.stats.integrity_failures += 1
+            return
+        try:
+            message.check_integrity(credentials.local_key)
+        except StunIntegrityError:
+            self.stats.integrity_failures += 1
+            return
+        peer_role = message.get(IceControlled if self.controlling else IceControlling)
+        if peer_role is None:
+            self.stats.unexpected += 1
+            return
+        self.stats.requests_received += 1
+        self._outgoing.append(
+            (
+                encode(
+                    Method.BINDING,
+                    MessageClass.SUCCESS,
+                    message.transaction_id,
+                    [XorMappedAddress(source)],
+                    integrity_key=credentials.local_key,
+                    fingerprint=True,
+                ),
+                source,
+            )
+        )
+        self.stats.responses_sent += 1
+        pair = self._pairs.get(source)
+        if pair is None:
+            priority = message.get(Priority)
+            pair = self._learn(source, priority.priority if priority else 0)
+        pair.received = True
+        if not self.controlling and message.get(UseCandidate) is not None:
+            if pair.state is PairState.SUCCEEDED:
+                self.nominated = pair.pair
+                return
+            pair.nominate_on_success = True
+        if pair.state is not PairState.SUCCEEDED:
+            # A triggered check (RFC 8445 section 7.3.1.4): the peer's
+            # packet just opened our NAT towards it, and its NAT towards us.
+            if not self._in_flight(pair, False):
+                self._triggered.append(_Queued(pair))
+        else:
+            self._maybe_nominate()
+
+    def _learn(self, source: Endpoint, priority: int) -> _Pair:
+        candidate = Candidate(CandidateKind.PEER_REFLEXIVE, source, priority)
+        self.remote.append(candidate)
+        self.stats.peer_reflexive += 1
+        base = self._order[0].pair.local if self._order else self.local[0]
+        made = make_pair(
+            base,
+            candidate,
+            controlling=self.controlling,
+            local=self.local,
+            remote_candidates=self.remote,
+        )
+        pair = _Pair(made, state=PairState.FAILED)
+        pair.last_result = "learned from the peer's check"
+        self._pairs[source] = pair
+        self._order.append(pair)
+        return pair
+
+    def _response(self, message: Message, source: Endpoint, now: float) -> None:
+        transaction = self._transactions.get(message.transaction_id)
+        if transaction is None:
+            self.stats.unexpected += 1
+            return
+        pair = transaction.pair
+        try:
+            message.check_integrity(self.credentials.remote_key)
+        except StunIntegrityError:
+            self.stats.integrity_failures += 1
+            return
+        if message.get(Fingerprint) is None:
+            self.stats.integrity_failures += 1
+            return
+        if source != pair.pair.remote.address:
+            # Not symmetric (RFC 8445 section 7.2.5.2.1): do not trust it.
+            self.stats.unexpected += 1
+            return
+        del self._transactions[message.transaction_id]
+        if message.message_class is MessageClass.ERROR:
+            self.stats.unexpected += 1
+            pair.last_result = "error response"
+            if not transaction.use_candidate and pair.state is PairState.IN_PROGRESS:
+                pair.state = PairState.FAILED
+            return
+        self.stats.responses_received += 1
+        mapped = message.get(XorMappedAddress)
+        if mapped is not None:
+            pair.mapped = Endpoint(mapped.address[0], mapped.address[1])
+            self._mapped.add(pair.mapped)
+        pair.state = PairState.SUCCEEDED
+        pair.last_result = "answered"
+        if transaction.use_candidate:
+            self.nominated = pair.pair
+            return
+        if pair.nominate_on_success:
+            self.nominated = pair.pair
+            return
+        self._maybe_nominate()
+
+    def _maybe_nominate(self) -> None:
+        if not self.controlling or self._nominating is not None or self.done:
+            return
+        for pair in self._order:
+            if pair.state is PairState.SUCCEEDED and pair.received and self._can_send(pair):
+                self._nominating = pair
+                self._triggered.appendleft(_Queued(pair, use_candidate=True))
+                return
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _check_end(self, now: float) -> None:
+        if self.done or self._started is None:
+            return
+        if now >= self._started + self.config.deadline:
+            self._fail("deadline")
+        elif (
+            not self._transactions
+            and not self._has_work()
+            and not any(p.state is PairState.SUCCEEDED for p in self._order)
+        ):
+            # A succeeded pair still waits for the peer (its check, or its
+            # nomination) until the deadline.
+            self._fail("budget")
+
+    def _fail(self, reason: str) -> None:
+        self._transactions.clear()
+        self._triggered.clear()
+        self.failure = PunchChecksFailed(reason, self.describe(), self.stats)
+
+    def describe(self) -> str:
+        """What the checks saw so far, in words (for logs and errors)."""
+        parts = [
+            f"{len(self._order)} pairs: "
+            + ", ".join(f"{p.pair.remote} {p.state.value} ({p.last_result})" for p in self._order)
+        ]
+        srflx = {c.address for c in self.remote if c.kind is CandidateKind.SERVER_REFLEXIVE}
+        heard = [p.pair.remote.address for p in self._order if p.received]
+        if not heard:
+            parts.append(
+                "no authenticated check from the peer arrived: a NAT on the way filters "
+                "(port-restricted or symmetric), or the peer never started"
+            )
+        elif any(a not in srflx and a.host in {s.host for s in srflx} for a in heard):
+            parts.append(
+                "the peer's checks came from another port than its server-reflexive "
+                "address: its NAT maps per destination (symmetric)"
+            )
+        parts.append(
+            f"{self.stats.requests_sent} requests sent, {self.stats.timeouts} timed out, "
+            f"{self.stats.integrity_failures} failed integrity, {self.stats.malformed} malformed"
+        )
+        return "; ".join(parts)
