@@ -1,0 +1,313 @@
+"""
+The application's side of a QUIC path: one bidirectional stream as an
+ordinary Twisted transport (:class:`QuicStreamTransport`), and the narrow
+subclass of aioquic's connection the path drives (:class:`_PinnedConnection`).
+
+Everything that reaches into aioquic's private attributes is in
+:class:`_PinnedConnection`, so an aioquic upgrade that moves them breaks
+one place, and fails closed (no peer certificate: no authentication).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProducer,
+    IPullProducer,
+    IPushProducer,
+    ITCPTransport,
+    ITransport,
+)
+from zope.interface import implementer
+
+from nattraverse.errors import NatTraverseError, PeerAuthenticationFailed
+from nattraverse.identity import PeerId
+
+if TYPE_CHECKING:
+    from nattraverse.quic import QuicPath
+
+__all__ = ["QuicPathClosed", "QuicPathIdle", "QuicStreamTransport"]
+
+
+class QuicPathIdle(NatTraverseError, ConnectionLost):
+    """
+    The QUIC path carried nothing for its idle timeout (RFC 9000 section
+    10.1) although keepalive PINGs were sent: the peer, or the path through
+    the NATs, is gone.  Connect again (a new punch, or the relay).
+    """
+
+
+class QuicPathClosed(NatTraverseError, ConnectionLost):
+    """
+    The QUIC connection was closed with an error, by the peer or by this
+    side (RFC 9000 section 10.2), or the stream was reset.
+
+    :ivar error_code: The QUIC or application error code.
+    :ivar reason_phrase: The reason the closing side gave.
+    """
+
+    def __init__(self, message: str, error_code: int = 0, reason_phrase: str = "") -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.reason_phrase = reason_phrase
+
+
+class _Sized(Protocol):
+    def __len__(self) -> int: ...
+
+
+class _PinnedConnection(QuicConnection):
+    """
+    aioquic's :class:`~aioquic.quic.connection.QuicConnection` with the
+    three things the path needs that aioquic has no public switch for:
+
+    - the server asks for the client's certificate (TLS 1.3
+      CertificateRequest; aioquic's ``Context._request_client_certificate``,
+      which aioquic's client answers and whose CertificateVerify signature
+      aioquic's server checks);
+    - the peer's certificate, once the handshake is done;
+    - the receive window of a stream stays where it is while the
+      application has paused the transport, so the peer's flow control
+      blocks it (aioquic otherwise doubles the window on receipt, not on
+      consumption);
+
+    and the amount of a stream's data not yet acknowledged by the peer.
+    """
+
+    hold_window: bool = False
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.tls._request_client_certificate = True
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        if self.hold_window:
+            return
+        super()._write_stream_limits(builder, space, stream)
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented, or ``None``."""
+        tls = getattr(self, "tls", None)
+        certificate = getattr(tls, "_peer_certificate", None)
+        return certificate if isinstance(certificate, x509.Certificate) else None
+
+    def state_name(self) -> str:
+        """The connection's state: ``"FIRSTFLIGHT"``, ``"CONNECTED"``, ``"CLOSING"``..."""
+        state = getattr(self, "_state", None)
+        return str(getattr(state, "name", state))
+
+    def _stream(self, stream_id: int) -> QuicStream | None:
+        streams: dict[int, QuicStream] = getattr(self, "_streams", {})
+        return streams.get(stream_id)
+
+    def unacknowledged(self, stream_id: int) -> int:
+        """Bytes written to the stream that the peer has not acknowledged yet."""
+        stream = self._stream(stream_id)
+        if stream is None:
+            return 0
+        buffer: _Sized = getattr(stream.sender, "_buffer", b"")
+        return len(buffer)
+
+    def sent_fin_acknowledged(self, stream_id: int) -> bool:
+        """
+        Whether the peer has acknowledged everything, FIN included, on a
+        stream this side has sent FIN on (aioquic forgets a stream once both
+        directions are done: that counts as acknowledged).
+        """
+        stream = self._stream(stream_id)
+        return stream is None or bool(stream.sender.is_finished)
+
+
+def check_pin(
+    alpn: str | None, wanted_alpn: str, certificate: x509.Certificate | None, expected: PeerId
+) -> x509.Certificate:
+    """
+    The pin, once the handshake is done: the agreed ALPN, and a peer
+    certificate whose key hashes to *expected*.
+
+    :returns: the certificate.
+    :raises PeerAuthenticationFailed: when either does not hold.
+    """
+    if alpn != wanted_alpn:
+        raise PeerAuthenticationFailed(
+            f"the peer negotiated ALPN {alpn!r}, not {wanted_alpn!r}", expected
+        )
+    if certificate is None:
+        raise PeerAuthenticationFailed("the peer presented no certificate", expected)
+    try:
+        pinned = expected.matches(certificate)
+    except Exception:  # a key cryptography cannot load: not the peer
+        pinned = False
+    if not pinned:
+        try:
+            who = f"the certificate presented is for {PeerId.of(certificate)}"
+        except Exception:
+            who = "the certificate presented has a key that cannot be read"
+        raise PeerAuthenticationFailed(who, expected)
+    return certificate
+
+
+def _address(address: tuple[str, int]) -> IPv4Address | IPv6Address:
+    host, port = address[0], address[1]
+    if ":" in host:
+        return IPv6Address("UDP", host, port)
+    return IPv4Address("UDP", host, port)
+
+
+@implementer(ITransport, ITCPTransport, IPushProducer, IConsumer)
+class QuicStreamTransport:
+    """
+    The transport an application gets from a
+    :class:`~nattraverse.quic.QuicPath`: one QUIC stream.
+
+    - ``write``/``writeSequence`` queue data on the stream (QUIC
+      retransmits it; it is never lost while the connection lives).
+    - ``loseConnection`` sends everything written, then FIN; once the peer
+      has acknowledged it all and sent its own FIN, the connection closes
+      and both applications see ``connectionLost`` with
+      :class:`~twisted.internet.error.ConnectionDone`.
+    - ``loseWriteConnection`` sends FIN only (half-close): the peer's
+      :class:`~twisted.internet.interfaces.IHalfCloseableProtocol` gets
+      ``readConnectionLost``; a peer protocol that is not half-closeable is
+      closed as a TCP one would be.
+    - ``abortConnection`` closes the QUIC connection at once.
+    - As a consumer it pauses a registered producer while more than the
+      path's ``write_buffer`` bytes are unacknowledged; as a producer,
+      ``pauseProducing`` stops delivering data and holds the stream's
+      receive window, so QUIC flow control stops the peer.
+
+    :ivar method: ``"udp"``.
+    :ivar peer_id: The peer's id, proved by its certificate.
+    :ivar session: The introduction's session id (``b""`` when none).
+    :ivar remote: ``"ip:port"`` of the peer's end of the UDP path.
+    :ivar connect_ms: Milliseconds from the start of the attempt to the
+        authenticated path, when measured; else ``None``.
+    :ivar peer_certificate: The peer's certificate (``cryptography``).
+    """
+
+    def __init__(
+        self,
+        path: QuicPath,
+        *,
+        method: str,
+        peer_id: PeerId,
+        session: bytes,
+        remote: tuple[str, int],
+        local: tuple[str, int],
+        peer_certificate: x509.Certificate | None,
+    ) -> None:
+        self._path = path
+        self.method = method
+        self.peer_id = peer_id
+        self.session = session
+        self._peer = _address(remote)
+        self._host = _address(local)
+        host = f"[{remote[0]}]" if ":" in remote[0] else remote[0]
+        self.remote = f"{host}:{remote[1]}"
+        self.connect_ms: float | None = None
+        self.peer_certificate = peer_certificate
+        self.producer: IProducer | None = None
+        self.streaming = False
+        self.producer_paused = False
+
+    def __repr__(self) -> str:
+        return f"<QuicStreamTransport {self.method} to {self.peer_id} at {self.remote}>"
+
+    @property
+    def disconnecting(self) -> bool:
+        """Whether ``loseConnection`` or ``abortConnection`` was called."""
+        return self._path._disconnecting
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is still up."""
+        return not self._path._terminated
+
+    def logPrefix(self) -> str:
+        """How the log names this connection."""
+        return f"QuicStreamTransport,{self.method},{self.remote}"
+
+    # ITransport, IConsumer
+    def write(self, data: bytes) -> None:
+        """Queue *data* on the stream."""
+        self._path._app_write(bytes(data))
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Queue the concatenation of *data* on the stream."""
+        self._path._app_write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Send what was written, then FIN; close when both directions are done."""
+        self._path._app_lose()
+
+    def loseWriteConnection(self) -> None:
+        """Send what was written, then FIN; keep reading."""
+        self._path._app_half_close()
+
+    def abortConnection(self) -> None:
+        """Close the QUIC connection at once, dropping what is not delivered."""
+        self._path._app_abort()
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        """The peer's UDP address."""
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        """This side's UDP address, as the path was given it."""
+        return self._host
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """Register a producer, paused while too much is unacknowledged."""
+        if self.producer is not None:
+            raise RuntimeError(f"a producer is already registered: {self.producer!r}")
+        self.producer = producer
+        self.streaming = streaming
+        self.producer_paused = False
+        self._path._check_producer()
+        if not streaming and not self.producer_paused:
+            IPullProducer(producer).resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        """Forget the producer."""
+        self.producer = None
+        self.producer_paused = False
+
+    # ITCPTransport, for applications written against TCP
+    def getTcpNoDelay(self) -> bool:
+        """QUIC has no Nagle: always ``True``."""
+        return True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """Nothing to set on QUIC."""
+
+    def getTcpKeepAlive(self) -> bool:
+        """The path sends QUIC PINGs: ``True`` when it has a keepalive interval."""
+        return self._path.keepalive is not None
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        """The keepalive interval is fixed when the path is made."""
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        """Stop delivering data; hold the receive window."""
+        self._path._app_pause()
+
+    def resumeProducing(self) -> None:
+        """Deliver data again; open the receive window."""
+        self._path._app_resume()
+
+    def stopProducing(self) -> None:
+        """Close the connection, as a TCP transport does."""
+        self._path._app_lose()
