@@ -15,7 +15,6 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nattraverse._race import Contender, Race
@@ -29,6 +28,8 @@ from nattraverse.errors import (
 from nattraverse.identity import Identity, PeerId
 from nattraverse.interfaces import CallerContext, ITraversalMethod, TraversalMethod
 from nattraverse.rendezvous.client import Introduction, PeerInfo
+from tests.deferreds import failure_of as _failure
+from tests.deferreds import succeeded as _result
 
 CALLEE = Identity.generate()
 CALLER = Identity.generate()
@@ -69,23 +70,6 @@ def _race(
         clock, contenders, on_lost=_lost, discard=sink.append, stagger=stagger, timeout=timeout
     )
     return race.run()
-
-
-def _result(d: Deferred[Any]) -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def _failure(d: Deferred[Any]) -> Failure:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    assert isinstance(box[0], Failure), box[0]
-    return box[0]
 
 
 # -- Race ------------------------------------------------------------------------

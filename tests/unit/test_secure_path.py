@@ -46,6 +46,8 @@ from nattraverse.secure import (
     parse_preamble,
     path_tag,
 )
+from tests.deferreds import failure_of
+from tests.deferreds import succeeded as result_of
 
 T = TypeVar("T")
 
@@ -62,27 +64,6 @@ TAG_VECTORS = [
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def result_of(d: Deferred[T]) -> T:
-    """The result *d* already has."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    result: T = box[0]
-    return result
-
-
-def failure_of(d: Deferred[Any]) -> Failure:
-    """The failure *d* already has."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    assert isinstance(box[0], Failure), f"the Deferred succeeded with {box[0]!r}"
-    failure: Failure = box[0]
-    return failure
 
 
 def has_fired(d: Deferred[Any]) -> bool:

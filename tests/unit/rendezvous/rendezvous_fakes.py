@@ -56,30 +56,6 @@ OTHER_ID = str(OTHER.peer_id)
 # -- Deferred helpers ---------------------------------------------------------
 
 
-def results(d: Deferred[T]) -> list[T | Failure]:
-    out: list[T | Failure] = []
-    d.addBoth(out.append)
-    return out
-
-
-def succeeded(d: Deferred[T]) -> T:
-    out = results(d)
-    assert out, "the Deferred has not fired"
-    result = out[0]
-    assert not isinstance(result, Failure), result.getTraceback()
-    return result
-
-
-def failed(d: Deferred[Any], kind: type[BaseException]) -> BaseException:
-    out = results(d)
-    assert out, "the Deferred has not fired"
-    result = out[0]
-    assert isinstance(result, Failure), f"succeeded with {result!r}"
-    assert result.check(kind), result.getTraceback()
-    assert result.value is not None
-    return result.value
-
-
 # -- the fake rendezvous ------------------------------------------------------
 
 

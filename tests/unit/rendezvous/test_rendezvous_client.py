@@ -44,6 +44,7 @@ from nattraverse.rendezvous.commands import (
     RelayOffer,
     access_proof,
 )
+from tests.deferreds import failed, succeeded
 from tests.unit.rendezvous.rendezvous_fakes import (
     CHALLENGE,
     OBSERVED,
@@ -56,32 +57,10 @@ from tests.unit.rendezvous.rendezvous_fakes import (
     Network,
     RawRecorder,
     call,
-    failed,
     introduce_args,
-    succeeded,
 )
 
 # -- fixtures -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def network(clock: Clock) -> Network:
-    return Network(clock)
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return Handler()
 
 
 Opener = Callable[..., Deferred[RendezvousSession]]

@@ -25,13 +25,12 @@ from nattraverse.identity import Identity
 from nattraverse.rendezvous.client import RendezvousSession
 from nattraverse.rendezvous.commands import Introduce
 from nattraverse.rendezvous.registration import Registration
+from tests.deferreds import failed, succeeded
 from tests.unit.rendezvous.rendezvous_fakes import (
     Handler,
     Network,
     call,
-    failed,
     introduce_args,
-    succeeded,
 )
 
 RETRY_DELAY = 5.0
@@ -46,26 +45,6 @@ class Policy:
     def __call__(self, attempt: int) -> float:
         self.asked.append(attempt)
         return RETRY_DELAY * attempt
-
-
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def network(clock: Clock) -> Network:
-    return Network(clock)
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return Handler()
 
 
 @pytest.fixture

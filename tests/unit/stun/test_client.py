@@ -48,6 +48,7 @@ from nattraverse.stun.client import (
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode
 from nattraverse.stun.tcp_client import StunTcpClientProtocol, tcp_binding
+from tests.deferreds import failed, results, succeeded
 
 T = TypeVar("T")
 
@@ -122,29 +123,6 @@ def respond(
 
 def error_response(request: bytes, code: int, reason: str) -> bytes:
     return respond(request, (ErrorCode(code, reason),), message_class=MessageClass.ERROR)
-
-
-def results(d: Deferred[T]) -> list[T | Failure]:
-    out: list[T | Failure] = []
-    d.addBoth(out.append)
-    return out
-
-
-def succeeded(d: Deferred[T]) -> T:
-    out = results(d)
-    assert out, "the Deferred has not fired"
-    result = out[0]
-    assert not isinstance(result, Failure), result.getTraceback()
-    return result
-
-
-def failed(d: Deferred[Any], kind: type[BaseException]) -> Any:
-    out = results(d)
-    assert out, "the Deferred has not fired"
-    failure = out[0]
-    assert isinstance(failure, Failure), f"succeeded with {failure!r}"
-    assert isinstance(failure.value, kind), failure.getTraceback()
-    return failure.value
 
 
 # -- retransmission ---------------------------------------------------------------
