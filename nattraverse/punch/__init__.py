@@ -5,7 +5,7 @@ value types and pair order, :mod:`~nattraverse.punch.checks` the pure
 check machine, :mod:`~nattraverse.punch.agent` its Twisted adapter.
 """
 
-from nattraverse.punch.agent import IceAgent, PunchingDemultiplexer, punch
+from nattraverse.punch.agent import IceAgent, punch
 from nattraverse.punch.candidates import Candidate, CandidateKind, CandidatePair, PairClass
 from nattraverse.punch.checks import (
     CheckConfig,
@@ -28,6 +28,5 @@ __all__ = [
     "PairClass",
     "PairState",
     "PunchChecksFailed",
-    "PunchingDemultiplexer",
     "punch",
 ]

@@ -4,8 +4,9 @@ datagrams and the reactor's time, writes what it sends, keeps one timer.
 
 :class:`~nattraverse.stun.demux.StunDemultiplexer` hands every STUN
 *response* to its STUN client, so check responses would never reach the
-checks; :class:`PunchingDemultiplexer` is the same port with one hook,
-:attr:`PunchingDemultiplexer.checks`, offered every datagram first.
+checks, through the port's
+:attr:`~nattraverse.stun.demux.StunDemultiplexer.intercept` hook, which
+sees every datagram first.
 """
 
 from __future__ import annotations
@@ -22,34 +23,11 @@ from nattraverse.punch.candidates import Candidate, CandidatePair
 from nattraverse.punch.checks import CheckConfig, CheckMachine, IceCredentials
 from nattraverse.stun.demux import StunDemultiplexer
 
-__all__ = ["CheckHook", "IceAgent", "PunchingDemultiplexer", "punch"]
+__all__ = ["IceAgent", "punch"]
 
 _log = Logger()
 
 #: Offered each datagram first; returns whether it took it.
-CheckHook = Callable[[bytes, Endpoint], bool]
-
-
-class PunchingDemultiplexer(StunDemultiplexer):
-    """
-    A :class:`~nattraverse.stun.demux.StunDemultiplexer` whose
-    :attr:`checks` hook sees every datagram before the STUN client does.
-    """
-
-    checks: CheckHook | None = None
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        """Offer the datagram to :attr:`checks`, then route it as usual."""
-        hook = self.checks
-        if hook is not None:
-            try:
-                if hook(datagram, Endpoint(addr[0], addr[1])):
-                    return
-            except Exception:
-                self.stats.handler_errors += 1
-                _log.failure("the check hook failed on a datagram from {source}", source=addr)
-                return
-        super().datagramReceived(datagram, addr)
 
 
 class IceAgent:
@@ -136,7 +114,7 @@ class IceAgent:
 
 def punch(
     reactor: IReactorTime,
-    demux: PunchingDemultiplexer,
+    demux: StunDemultiplexer,
     *,
     controlling: bool,
     secret: bytes,
@@ -148,13 +126,14 @@ def punch(
     """
     Run connectivity checks on *demux*'s port and return the nominated pair.
 
-    The checks own :attr:`PunchingDemultiplexer.checks` until the result:
+    The checks own the port's
+    :attr:`~nattraverse.stun.demux.StunDemultiplexer.intercept` until the result:
     on success, failure or cancellation it is cleared and the timer
     cancelled.
 
     :raises RuntimeError: when another punch holds *demux*.
     """
-    if demux.checks is not None:
+    if demux.intercept is not None:
         raise RuntimeError("this port is already punching")
     kwargs: dict[str, Any] = {} if random_bytes is None else {"random_bytes": random_bytes}
     machine = CheckMachine(
@@ -167,11 +146,11 @@ def punch(
     )
     agent = IceAgent(reactor, demux.send, machine)
     hook = agent.datagram_received
-    demux.checks = hook
+    demux.intercept = hook
 
     def release(result: object) -> object:
-        if demux.checks == hook:
-            demux.checks = None
+        if demux.intercept == hook:
+            demux.intercept = None
         return result
 
     deferred = agent.start()

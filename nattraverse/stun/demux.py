@@ -26,7 +26,7 @@ from nattraverse._types import Endpoint
 from nattraverse.stun.client import DEFAULT_MAX_OUTSTANDING, StunClient
 from nattraverse.stun.message import is_stun
 
-__all__ = ["DatagramHandler", "DemuxStats", "StunDemultiplexer"]
+__all__ = ["DatagramHandler", "DemuxStats", "Interceptor", "StunDemultiplexer"]
 
 _log = Logger()
 
@@ -34,6 +34,8 @@ _log = Logger()
 #: to a :class:`~twisted.internet.protocol.DatagramProtocol`, pass its bound
 #: ``datagramReceived``.
 DatagramHandler = Callable[[bytes, Endpoint], object]
+#: Offered every datagram first; returns ``True`` when it consumed it.
+Interceptor = Callable[[bytes, Endpoint], bool]
 
 
 @dataclass(slots=True)
@@ -41,12 +43,15 @@ class DemuxStats:
     """
     Where datagrams went.
 
+    :ivar intercepted: Consumed by :attr:`StunDemultiplexer.intercept`.
     :ivar stun: Taken by the STUN client.
     :ivar other: Handed to :attr:`StunDemultiplexer.other`.
     :ivar dropped: Dropped because no other handler was set.
-    :ivar handler_errors: Exceptions raised by the other handler (logged).
+    :ivar handler_errors: Exceptions raised by the other handler or the
+        interceptor (logged); the datagram is dropped.
     """
 
+    intercepted: int = 0
     stun: int = 0
     other: int = 0
     dropped: int = 0
@@ -66,6 +71,11 @@ class StunDemultiplexer(DatagramProtocol):
     the client is stopped: its pending transactions fail with
     :class:`~nattraverse.errors.StunTransactionCancelled` and its timers are
     cancelled.  A demultiplexer serves one port, once.
+
+    :attr:`intercept`, when set (``None`` by default), is offered every
+    datagram before anyone else and consumes those it returns ``True`` for:
+    connectivity checks (:mod:`nattraverse.punch`) use it to see the
+    peer's STUN requests and responses, which are no business of the client.
 
     :param reactor: The client's clock.
     :param other: Receives every datagram the client does not consume,
@@ -91,6 +101,7 @@ class StunDemultiplexer(DatagramProtocol):
         max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
         self.other = other
+        self.intercept: Interceptor | None = None
         self.stats = DemuxStats()
         self.client = StunClient(
             reactor,
@@ -115,8 +126,23 @@ class StunDemultiplexer(DatagramProtocol):
         self.transport.write(data, (addr[0], addr[1]))
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        """Route one datagram to the STUN client or to :attr:`other`."""
+        """Route one datagram to :attr:`intercept`, the STUN client or :attr:`other`."""
         source = Endpoint(addr[0], addr[1])
+        intercept = self.intercept
+        if intercept is not None:
+            try:
+                consumed = intercept(datagram, source)
+            except Exception:
+                self.stats.handler_errors += 1
+                _log.failure(
+                    "the interceptor {handler!r} failed on a datagram from {source}",
+                    handler=intercept,
+                    source=str(source),
+                )
+                return
+            if consumed:
+                self.stats.intercepted += 1
+                return
         if is_stun(datagram) and self.client.datagram_received(datagram, source):
             self.stats.stun += 1
             return

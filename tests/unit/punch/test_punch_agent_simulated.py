@@ -22,9 +22,9 @@ from nattraverse.punch import (
     CandidatePair,
     CheckConfig,
     PunchChecksFailed,
-    PunchingDemultiplexer,
     punch,
 )
+from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.server import StunServer
 from nattraverse.testing import Link, Network, SimulatedHost, SimulatedUDPPort
 
@@ -50,7 +50,7 @@ def punchable(a: str, b: str) -> bool:
 @dataclass
 class Peer:
     host: SimulatedHost
-    demux: PunchingDemultiplexer
+    demux: StunDemultiplexer
     port: SimulatedUDPPort
     candidates: list[Candidate]
 
@@ -67,7 +67,7 @@ def make_network(seed: str) -> Network:
 
 def peer(network: Network, host: SimulatedHost) -> Peer:
     """Listen on a port of *host* and learn its server-reflexive address by STUN."""
-    demux = PunchingDemultiplexer(
+    demux = StunDemultiplexer(
         host.reactor, random_bytes=network.random("stun", host.name).randbytes
     )
     port = host.reactor.listenUDP(0, demux)
@@ -101,7 +101,7 @@ def run_pair(
         )
     results = network.run_until(DeferredList(ds, consumeErrors=True), timeout=30.0)
     for p in (caller, callee):
-        assert p.demux.checks is None
+        assert p.demux.intercept is None
         assert p.host.reactor.getDelayedCalls() == []
     return results
 
@@ -210,5 +210,5 @@ def test_cancel_leaves_nothing_behind() -> None:
     d.addErrback(failures.append)
     assert failures
     assert failures[0].check(CancelledError)
-    assert caller.demux.checks is None
+    assert caller.demux.intercept is None
     assert caller.host.reactor.getDelayedCalls() == []

@@ -157,3 +157,39 @@ def test_client_options() -> None:
     clock.pump([0.5] * 10)
     assert len(transport.written) == 2
     assert demux.client.stats.timeouts == 1
+
+
+def test_intercept_sees_every_datagram_first() -> None:
+    """The interceptor is offered every datagram first; what it consumes goes nowhere else."""
+    _, _, demux = listening(other=(other := Recorder()))
+    offered: list[tuple[bytes, Endpoint]] = []
+
+    def intercept(data: bytes, addr: Endpoint) -> bool:
+        offered.append((data, addr))
+        return data.startswith(b"mine")
+
+    demux.intercept = intercept
+    response = encode(Method.BINDING, MessageClass.SUCCESS, b"\x01" * 12, [])
+    demux.datagramReceived(response, ("198.51.100.7", 5000))
+    demux.datagramReceived(b"mine: a check", ("198.51.100.7", 5000))
+    demux.datagramReceived(b"not mine", ("198.51.100.7", 5000))
+    assert [data for data, _ in offered] == [response, b"mine: a check", b"not mine"]
+    assert other.received == [(b"not mine", PEER)]
+    assert demux.stats.intercepted == 1
+    # The unknown STUN response, declined by the interceptor, reached the client.
+    assert demux.stats.stun == 1
+
+
+def test_intercept_errors_are_logged_and_drop_the_datagram() -> None:
+    """An exception in the interceptor is logged and counted; the datagram goes nowhere."""
+
+    def broken(data: bytes, addr: Endpoint) -> bool:
+        raise ZeroDivisionError("boom")
+
+    _, _, demux = listening(other=(other := Recorder()))
+    demux.intercept = broken
+    with capturedLogs() as events:
+        demux.datagramReceived(b"data", ("198.51.100.7", 5000))
+    assert demux.stats.handler_errors == 1
+    assert other.received == []
+    assert [e for e in events if "log_failure" in e]
