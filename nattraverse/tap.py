@@ -24,6 +24,7 @@ from twisted.python import usage
 from nattraverse._keyfile import MAX_KEY_FILE, read_key_file
 from nattraverse.rendezvous.relay import RelayHub, RelayLimits
 from nattraverse.rendezvous.server import RendezvousLimits, RendezvousService
+from nattraverse.rendezvous.udpbind import UdpBindings
 from nattraverse.stun.server import StunServer
 
 #: Where ``--listen`` listens when it is not given.
@@ -301,18 +302,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     top = MultiService()
-    stun = StunServer(
-        reactor,
-        interface=options["stun-interface"],
-        port=options["stun-port"],
-        alt_address=options["alt-address"],
-        alt_port=options["alt-port"],
-        software=options["software"],
-        tcp_idle_timeout=options["tcp-idle-timeout"],
-        max_tcp_connections=options["max-tcp-connections"],
-    )
-    stun.setName("stun")  # type: ignore[no-untyped-call]
-    stun.setServiceParent(top)  # type: ignore[no-untyped-call]
     limits = RendezvousLimits(
         registration_ttl=options["registration-ttl"],
         max_registrations=options["max-registrations"],
@@ -322,6 +311,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         handshake_timeout=options["handshake-timeout"],
         max_connections=options["max-connections"],
     )
+    # One table of UDP binding tokens: the rendezvous issues them, the STUN
+    # service observes the sockets that use them.
+    bindings = UdpBindings(capacity=limits.max_connections)
+    stun = StunServer(
+        reactor,
+        interface=options["stun-interface"],
+        port=options["stun-port"],
+        alt_address=options["alt-address"],
+        alt_port=options["alt-port"],
+        software=options["software"],
+        tcp_idle_timeout=options["tcp-idle-timeout"],
+        max_tcp_connections=options["max-tcp-connections"],
+        bindings=bindings,
+    )
+    stun.setName("stun")  # type: ignore[no-untyped-call]
+    stun.setServiceParent(top)  # type: ignore[no-untyped-call]
     hub = None
     if not options["no-relay"]:
         hub = RelayHub(
@@ -339,6 +344,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         relay_hub=hub,
         access_key=options["access-key"],
         stun_port=options["stun-port"],
+        udp_bindings=bindings,
     )
     rendezvous.setName("rendezvous")  # type: ignore[no-untyped-call]
     rendezvous.setServiceParent(top)  # type: ignore[no-untyped-call]

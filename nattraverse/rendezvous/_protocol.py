@@ -10,11 +10,13 @@ imports nothing from :mod:`nattraverse.rendezvous.client`.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -24,11 +26,14 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from nattraverse._types import Endpoint
 from nattraverse.errors import (
     InvalidRequest,
     NatTraverseError,
     PeerAuthenticationFailed,
     RendezvousUnavailable,
+    StunError,
+    StunTimeout,
 )
 from nattraverse.identity import PeerId
 from nattraverse.rendezvous.commands import (
@@ -46,7 +51,13 @@ from nattraverse.rendezvous.commands import (
     check_port,
     encode_candidates,
     is_peer_id,
+    udp_credentials,
 )
+from nattraverse.stun.attributes import Username
+
+if TYPE_CHECKING:
+    from nattraverse.stun.client import StunResponse
+    from nattraverse.stun.demux import StunDemultiplexer
 
 __all__ = [
     "RETRY_HINT",
@@ -55,9 +66,11 @@ __all__ = [
     "PeerInfo",
     "RendezvousProtocol",
     "ServerHello",
+    "bind_socket",
     "check_duration",
     "check_peer",
     "check_private",
+    "check_udp",
     "peer_info",
     "pinned",
 ]
@@ -77,11 +90,15 @@ class ServerHello:
         coming from: this peer's public (server-reflexive) TCP address.
     :ivar stun_port: The STUN port of the rendezvous host, 0 when none.
     :ivar relay: Whether the rendezvous relays.
+    :ivar udp_token: The token that binds a UDP socket to this connection
+        (:meth:`~nattraverse.rendezvous.client.RendezvousSession.bind_udp`);
+        empty when not known.  Not shown by ``repr``.
     """
 
     observed: tuple[str, int]
     stun_port: int
     relay: bool
+    udp_token: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,11 @@ class PeerInfo:
     :ivar listen_port: The TCP port it accepts direct connections on, 0
         when none.
     :ivar private: The private addresses it announced (hints only).
+    :ivar udp: Where the rendezvous' STUN service last observed the peer's
+        punching UDP socket (its server-reflexive UDP address, as observed,
+        never as claimed), ``None`` when it has not bound one.
+    :ivar udp_private: The host addresses of that socket it announced
+        (hints only).
     """
 
     peer_id: PeerId
@@ -103,6 +125,8 @@ class PeerInfo:
     observed: tuple[str, int]
     listen_port: int
     private: tuple[tuple[str, int], ...]
+    udp: Endpoint | None = None
+    udp_private: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,9 +189,24 @@ def check_peer(peer: str) -> str:
     return peer if is_peer_id(peer) else check_name(peer)
 
 
-def check_private(private: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+def check_private(
+    private: Sequence[tuple[str, int]], field: str = "private"
+) -> list[dict[str, Any]]:
     """This peer's private addresses, checked and encoded for the wire."""
-    return encode_candidates(check_candidates(encode_candidates(private)))
+    return encode_candidates(check_candidates(encode_candidates(private), field))
+
+
+def check_udp(host: str, port: int, where: str) -> Endpoint | None:
+    """
+    The server-reflexive UDP address of ``_PEER_FIELDS``: ``None`` for an
+    empty host and port 0, else an IP address and a port (1-65535).
+    """
+    if host == "" and port == 0:
+        return None
+    return Endpoint(
+        check_host(host, f"{where}.udp_host"),
+        check_port(port, f"{where}.udp_port", allow_zero=False),
+    )
 
 
 def peer_info(fields: Mapping[str, Any], where: str) -> PeerInfo:
@@ -191,6 +230,13 @@ def peer_info(fields: Mapping[str, Any], where: str) -> PeerInfo:
         ),
         listen_port=check_port(fields["listen_port"], f"{where}.listen_port"),
         private=tuple(check_candidates(fields["private"], f"{where}.private")),
+        udp=check_udp(fields.get("udp_host", ""), fields.get("udp_port", 0), where),
+        udp_private=tuple(
+            Endpoint(host, port)
+            for host, port in check_candidates(
+                fields.get("udp_private", ()), f"{where}.udp_private"
+            )
+        ),
     )
 
 
@@ -202,6 +248,68 @@ def pinned(info: PeerInfo, asked: str) -> PeerInfo:
             asked,
         )
     return info
+
+
+def bind_socket(
+    reactor: IReactorTime,
+    demux: StunDemultiplexer,
+    server: Endpoint,
+    token: bytes,
+    seconds: float,
+) -> Deferred[Endpoint]:
+    """
+    Send, through the STUN client of *demux*, the Binding request that binds
+    its socket with the ``Hello`` *token* to the STUN service at *server*,
+    and wait up to *seconds* for the authenticated answer.
+
+    :returns: A cancellable Deferred of the XOR-MAPPED-ADDRESS; it fails
+        with :class:`RendezvousUnavailable` saying what to check.
+    """
+    username, key = udp_credentials(token)
+    d = demux.client.binding(server, [Username(username)], integrity_key=key, fingerprint=True)
+
+    def expired(result: object, timeout: float) -> Failure:
+        return Failure(_unanswered(server, seconds))
+
+    def bound(response: StunResponse) -> Endpoint:
+        address = response.mapped_address
+        if address is None:
+            raise RendezvousUnavailable(
+                f"the STUN service at {server} answered the UDP binding without "
+                "XOR-MAPPED-ADDRESS; is it the rendezvous' own STUN service?"
+            )
+        return address
+
+    def failed(failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, RendezvousUnavailable | CancelledError):
+            return failure
+        if isinstance(error, StunTimeout):
+            return Failure(_unanswered(server, seconds))
+        if isinstance(error, StunError):
+            return Failure(
+                RendezvousUnavailable(
+                    f"the STUN service at {server} refused to bind this peer's UDP socket: "
+                    f"{error}; check that the rendezvous session is still open ({RETRY_HINT})"
+                )
+            )
+        return Failure(
+            RendezvousUnavailable(
+                f"cannot send the UDP binding request to {server}: {error}; check that the "
+                "UDP socket is listening"
+            )
+        )
+
+    d.addTimeout(seconds, reactor, onTimeoutCancel=expired)
+    return d.addCallbacks(bound, failed)
+
+
+def _unanswered(server: Endpoint, seconds: float) -> RendezvousUnavailable:
+    return RendezvousUnavailable(
+        f"the STUN service of the rendezvous at {server} gave no authenticated answer to the "
+        f"UDP binding within {seconds:g} s; check that UDP port {server.port} of {server.host} "
+        "is reachable from this host (firewall) and that the rendezvous runs its STUN service"
+    )
 
 
 class _Pending:
@@ -238,9 +346,30 @@ class RendezvousProtocol(amp.AMP):
     # -- requests -----------------------------------------------------------
 
     @property
+    def reactor(self) -> IReactorTime:
+        """The clock of this connection's timeouts."""
+        return self._reactor
+
+    @property
     def gone(self) -> bool:
         """Whether the connection is closed or closing."""
         return self._closing or self._gone is not None
+
+    def server_host(self) -> str | None:
+        """
+        The rendezvous' IP address as this connection reaches it (IPv4 for
+        an IPv4-mapped IPv6 address), ``None`` once the connection is gone.
+        """
+        transport = self.transport
+        if transport is None or self.gone:
+            return None
+        address = transport.getPeer()
+        if not isinstance(address, IPv4Address | IPv6Address):
+            return None
+        ip = ipaddress.ip_address(address.host.partition("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ip)
 
     def call(
         self, what: str, command: type[amp.Command], timeout: float, **arguments: Any
@@ -393,6 +522,9 @@ class RendezvousProtocol(amp.AMP):
         observed_port: int,
         listen_port: int,
         private: list[dict[str, Any]],
+        udp_host: str,
+        udp_port: int,
+        udp_private: list[dict[str, Any]],
         methods: list[str],
     ) -> dict[str, Any]:
         handler = self._require_handler("Introduce")
@@ -407,6 +539,9 @@ class RendezvousProtocol(amp.AMP):
                     "observed_port": observed_port,
                     "listen_port": listen_port,
                     "private": private,
+                    "udp_host": udp_host,
+                    "udp_port": udp_port,
+                    "udp_private": udp_private,
                 },
                 "Introduce",
             ),

@@ -49,6 +49,7 @@ from nattraverse.rendezvous.registry import Registry
 
 if TYPE_CHECKING:
     from nattraverse.rendezvous.relay import RelayHub
+    from nattraverse.rendezvous.udpbind import UdpBindings
 
 __all__ = [
     "MAX_UNANSWERED",
@@ -139,6 +140,10 @@ class ServerState(Protocol):
     @property
     def registry(self) -> Registry:
         """Registrations and introductions."""
+
+    @property
+    def udp_bindings(self) -> UdpBindings:
+        """The UDP binding tokens, shared with the STUN service."""
 
     @property
     def connections(self) -> set[Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from nattraverse._types import Endpoint
 from nattraverse.errors import (
     InvalidRequest,
     NotAuthenticated,
@@ -83,6 +84,10 @@ class RendezvousServerProtocol(ServerConnection):
     :ivar peer_id: The peer id this connection proved, once authenticated.
     :ivar observed_host: The address the connection comes from.
     :ivar observed_port: The port it comes from.
+    :ivar udp_token: The UDP binding token ``Hello`` issued, until the
+        connection is lost.
+    :ivar udp_observed: Where the STUN service last observed the UDP socket
+        bound with that token, ``None`` until it has.
     """
 
     def __init__(self, server: ServerState) -> None:
@@ -91,6 +96,8 @@ class RendezvousServerProtocol(ServerConnection):
         super().__init__(server)
         self._challenge: bytes | None = None
         self._greeted = False
+        self.udp_token: bytes | None = None
+        self.udp_observed: Endpoint | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousServerProtocol {self.source} {self.peer_id}>"
@@ -107,6 +114,7 @@ class RendezvousServerProtocol(ServerConnection):
         server = self.server
         self._greeted = True
         self._challenge = check_bytes(server.random(CHALLENGE_SIZE), CHALLENGE_SIZE, "challenge")
+        self.udp_token = server.udp_bindings.issue(self)
         return {
             "version": PROTOCOL_VERSION,
             "challenge": self._challenge,
@@ -114,7 +122,23 @@ class RendezvousServerProtocol(ServerConnection):
             "observed_port": self.observed_port,
             "stun_port": server.stun_port,
             "relay": server.relay_hub is not None,
+            "udp_token": self.udp_token,
         }
+
+    def udp_bound(self, source: Endpoint) -> None:
+        """
+        The STUN service observed this connection's UDP socket at *source*
+        (an authenticated Binding request; the latest wins).
+        """
+        observed = Endpoint(canonical(source.host), source.port)
+        if observed != self.udp_observed:
+            _log.debug(
+                "{source} ({peer}) bound its UDP socket, observed at {udp}",
+                source=self.source,
+                peer=str(self.peer_id) if self.peer_id is not None else "-",
+                udp=str(observed),
+            )
+        self.udp_observed = observed
 
     @responder(Authenticate, authenticated=False)
     def authenticate(
@@ -158,7 +182,11 @@ class RendezvousServerProtocol(ServerConnection):
 
     @responder(Register)
     def register(
-        self, name: str, listen_port: int, private: list[dict[str, Any]]
+        self,
+        name: str,
+        listen_port: int,
+        private: list[dict[str, Any]],
+        udp_private: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """``Register``: bind a name to this connection's peer id."""
         assert self.peer_id is not None
@@ -168,6 +196,7 @@ class RendezvousServerProtocol(ServerConnection):
             self.observed_port,
             check_port(listen_port, "listen_port"),
             tuple(check_candidates(private)),
+            tuple(check_candidates(udp_private or (), "udp_private")),
         )
         server = self.server
         registry = server.registry
@@ -195,18 +224,24 @@ class RendezvousServerProtocol(ServerConnection):
     @responder(Lookup)
     def lookup(self, peer: str) -> dict[str, Any]:
         """``Lookup``: what the server knows of a connected registered peer."""
-        registration, _ = self._find(peer)
-        return _peer_fields(registration)
+        registration, contact = self._find(peer)
+        return _peer_fields(registration, contact)
 
     @responder(Connect)
     def connect(
-        self, peer: str, listen_port: int, private: list[dict[str, Any]], methods: list[str]
+        self,
+        peer: str,
+        listen_port: int,
+        private: list[dict[str, Any]],
+        methods: list[str],
+        udp_private: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """``Connect``: introduce this peer and the callee to each other."""
         caller = self.peer_id
         assert caller is not None
         port = check_port(listen_port, "listen_port")
         candidates = check_candidates(private)
+        udp_candidates = check_candidates(udp_private or (), "udp_private")
         wanted = check_methods(methods)
         registration, callee = self._find(peer)
         server = self.server
@@ -224,6 +259,7 @@ class RendezvousServerProtocol(ServerConnection):
         )
         # The callee first: it must know the session before the caller's
         # first connection reaches it.
+        udp = self.udp_observed
         sent = callee.send(
             Introduce,
             session=session,
@@ -234,6 +270,9 @@ class RendezvousServerProtocol(ServerConnection):
             observed_port=self.observed_port,
             listen_port=port,
             private=encode_candidates(candidates),
+            udp_host=udp.host if udp is not None else "",
+            udp_port=udp.port if udp is not None else 0,
+            udp_private=encode_candidates(udp_candidates),
             methods=wanted,
         )
         if not sent:
@@ -251,7 +290,7 @@ class RendezvousServerProtocol(ServerConnection):
         return {
             "session": session,
             "secret": secret,
-            **_peer_fields(registration),
+            **_peer_fields(registration, callee),
             "relay": server.relay_hub is not None,
         }
 
@@ -364,8 +403,10 @@ def _canonical_or_none(host: str) -> str | None:
         return None
 
 
-def _peer_fields(registration: Registration) -> dict[str, Any]:
+def _peer_fields(registration: Registration, contact: RendezvousServerProtocol) -> dict[str, Any]:
+    """The ``_PEER_FIELDS`` of a registered peer, its UDP address as of now."""
     record = registration.record
+    udp = contact.udp_observed
     return {
         "peer_id": str(registration.peer_id),
         "name": registration.name,
@@ -373,4 +414,7 @@ def _peer_fields(registration: Registration) -> dict[str, Any]:
         "observed_port": record.observed_port,
         "listen_port": record.listen_port,
         "private": encode_candidates(record.private),
+        "udp_host": udp.host if udp is not None else "",
+        "udp_port": udp.port if udp is not None else 0,
+        "udp_private": encode_candidates(record.udp_private),
     }

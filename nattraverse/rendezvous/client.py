@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectingCancelledError
@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from nattraverse._types import Endpoint
 from nattraverse.errors import (
     InvalidRequest,
     PeerAuthenticationFailed,
@@ -52,6 +53,7 @@ from nattraverse.rendezvous._protocol import (
     PeerInfo,
     RendezvousProtocol,
     ServerHello,
+    bind_socket,
     check_duration,
     check_peer,
     check_private,
@@ -64,6 +66,7 @@ from nattraverse.rendezvous.commands import (
     SECRET_SIZE,
     SESSION_ID_SIZE,
     TOKEN_SIZE,
+    UDP_TOKEN_SIZE,
     Authenticate,
     Connect,
     Hello,
@@ -80,6 +83,9 @@ from nattraverse.rendezvous.commands import (
     check_name,
     check_port,
 )
+
+if TYPE_CHECKING:
+    from nattraverse.stun.demux import StunDemultiplexer
 
 __all__ = [
     "IRendezvousHandler",
@@ -140,6 +146,9 @@ class RendezvousSession:
     :ivar hello: What the server said in ``Hello``.
     :ivar peer_id: The peer id the server bound this connection to (this
         peer's).
+    :ivar udp_observed: The address the rendezvous' STUN service observed
+        this peer's UDP socket at, as of the last successful
+        :meth:`bind_udp`; ``None`` before.
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class RendezvousSession:
         self.hello = hello
         self.peer_id = peer_id
         self._timeout = timeout
+        self.udp_observed: Endpoint | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousSession {self.peer_id} with {self._protocol.where}>"
@@ -201,7 +211,12 @@ class RendezvousSession:
         return self._protocol.call(what, command, self._timeout, **args)
 
     def register(
-        self, name: str, listen_port: int, private: Sequence[tuple[str, int]]
+        self,
+        name: str,
+        listen_port: int,
+        private: Sequence[tuple[str, int]],
+        *,
+        udp_private: Sequence[tuple[str, int]] = (),
     ) -> Deferred[float]:
         """
         Bind *name* to this peer's id (``Register``).
@@ -210,6 +225,8 @@ class RendezvousSession:
             connections on, 0 when none.
         :param private: This peer's private addresses (at most
             :data:`~nattraverse.rendezvous.commands.MAX_CANDIDATES`).
+        :param udp_private: The host addresses of this peer's punching UDP
+            socket (as many at most).
         :returns: A Deferred of the registration's TTL in seconds; it fails
             with :class:`~nattraverse.errors.NameTaken` when another key
             holds the name.
@@ -219,6 +236,7 @@ class RendezvousSession:
                 "name": check_name(name),
                 "listen_port": check_port(listen_port, "listen_port"),
                 "private": check_private(private),
+                "udp_private": check_private(udp_private, "udp_private"),
             }
         except InvalidRequest as e:
             return fail(e)
@@ -255,15 +273,20 @@ class RendezvousSession:
         listen_port: int,
         private: Sequence[tuple[str, int]],
         methods: Sequence[str],
+        *,
+        udp_private: Sequence[tuple[str, int]] = (),
     ) -> Deferred[Introduction]:
         """
         Ask to be introduced to *peer*, a name or a peer id (``Connect``);
-        the peer gets this peer's details at the same moment.
+        the peer gets this peer's details at the same moment (its UDP
+        address is the one this session last bound with :meth:`bind_udp`).
 
         :param listen_port: This peer's TCP port for connection reversal, 0
             when none.
         :param private: This peer's private addresses.
         :param methods: The methods this peer will try.
+        :param udp_private: The host addresses of this peer's punching UDP
+            socket.
         :returns: A Deferred of the :class:`Introduction`; it fails with
             :class:`~nattraverse.errors.PeerNotFound` when no live
             registration has that name or id.
@@ -275,6 +298,7 @@ class RendezvousSession:
                 "listen_port": check_port(listen_port, "listen_port"),
                 "private": check_private(private),
                 "methods": check_methods(methods),
+                "udp_private": check_private(udp_private, "udp_private"),
             }
         except InvalidRequest as e:
             return fail(e)
@@ -307,6 +331,70 @@ class RendezvousSession:
             return fail(e)
         d = self._call("asking for connection reversal", Reverse, **args)
         return d.addCallback(lambda answer: None)
+
+    def bind_udp(self, demux: StunDemultiplexer, *, timeout: float = 3.0) -> Deferred[Endpoint]:
+        """
+        Bind the UDP socket of *demux* to this session: send, through its
+        STUN client, a Binding request authenticated with the ``Hello``
+        token (:func:`~nattraverse.rendezvous.commands.udp_credentials`) to
+        the STUN port of the rendezvous host (the address this session's
+        connection reaches).  The rendezvous then tells the peers this one
+        is introduced to the address it observed, the latest one: call this
+        again, well within 30 s, as the NAT keepalive.
+
+        :param timeout: Seconds to wait for the answer (retransmissions
+            included).
+        :returns: A Deferred of the address the STUN service observed the
+            socket at (this peer's server-reflexive UDP address).  It fails
+            with :class:`RendezvousUnavailable` saying what to check when
+            the rendezvous has no STUN service (``stun_port`` 0), the
+            session is closed, the request cannot be sent, is refused, or
+            gets no authenticated answer within *timeout*.  Cancelling it
+            stops the retransmissions.
+        """
+        try:
+            seconds = check_timeout(timeout)
+        except ValueError as e:
+            return fail(e)
+        where = self.where
+        hello = self.hello
+        if hello.stun_port == 0:
+            return fail(
+                RendezvousUnavailable(
+                    f"the rendezvous at {where} runs no STUN service (its Hello said STUN port "
+                    "0), so this peer's UDP socket cannot be bound; run twistd natrendezvous "
+                    "with its STUN service (--stun-port) for UDP hole punching"
+                )
+            )
+        if len(hello.udp_token) != UDP_TOKEN_SIZE:
+            return fail(
+                RendezvousUnavailable(
+                    f"the rendezvous at {where} issued no UDP binding token in Hello; "
+                    "upgrade it for UDP hole punching"
+                )
+            )
+        host = self._protocol.server_host()
+        if host is None:
+            return fail(
+                RendezvousUnavailable(
+                    f"the rendezvous session with {where} is closed; cannot bind a UDP socket "
+                    f"to it; {RETRY_HINT}"
+                )
+            )
+        server = Endpoint(host, hello.stun_port)
+
+        def bound(address: Endpoint) -> Endpoint:
+            if address != self.udp_observed:
+                _log.info(
+                    "the rendezvous at {where} observes this peer's UDP socket at {udp}",
+                    where=where,
+                    udp=str(address),
+                )
+            self.udp_observed = address
+            return address
+
+        d = bind_socket(self._protocol.reactor, demux, server, hello.udp_token, seconds)
+        return d.addCallback(bound)
 
     def relay(self, session: bytes) -> Deferred[tuple[bytes, float]]:
         """
@@ -376,6 +464,7 @@ async def _handshake(
         ),
         stun_port=check_port(answer["stun_port"], "Hello.stun_port"),
         relay=bool(answer["relay"]),
+        udp_token=check_bytes(answer["udp_token"], UDP_TOKEN_SIZE, "Hello.udp_token"),
     )
     protocol.hello = hello
     proof: dict[str, Any] = {

@@ -47,6 +47,11 @@ SESSION_ID_SIZE = 16
 SECRET_SIZE = 32
 TOKEN_SIZE = 32
 
+#: Bytes of the UDP binding token ``Hello`` issues: the first half names
+#: the binding (the STUN USERNAME, in hex), the second half keys it (the
+#: MESSAGE-INTEGRITY key); see :func:`udp_credentials`.
+UDP_TOKEN_SIZE = 32
+
 #: Most private (host) candidates one peer may announce.
 MAX_CANDIDATES = 8
 
@@ -89,8 +94,8 @@ def _errors(*kinds: type[Exception]) -> dict[type[Exception], bytes]:
     return {kind: code for kind, code in _ERRORS.items() if kind in chosen}
 
 
-def _candidates() -> amp.AmpList:
-    return amp.AmpList([(b"host", amp.Unicode()), (b"port", amp.Integer())])
+def _candidates(*, optional: bool = False) -> amp.AmpList:
+    return amp.AmpList([(b"host", amp.Unicode()), (b"port", amp.Integer())], optional=optional)
 
 
 _PEER_FIELDS: list[tuple[bytes, amp.Argument]] = [
@@ -100,6 +105,9 @@ _PEER_FIELDS: list[tuple[bytes, amp.Argument]] = [
     (b"observed_port", amp.Integer()),
     (b"listen_port", amp.Integer()),
     (b"private", _candidates()),
+    (b"udp_host", amp.Unicode()),
+    (b"udp_port", amp.Integer()),
+    (b"udp_private", _candidates()),
 ]
 
 
@@ -111,7 +119,10 @@ class Hello(amp.Command):
     First command of every connection.  The answer carries a fresh
     challenge for ``Authenticate``, the address the server observes this
     connection coming from (never anything the client claimed), the STUN
-    port of the same host (0 when none) and whether the relay is on.
+    port of the same host (0 when none), whether the relay is on, and
+    *udp_token*: :data:`UDP_TOKEN_SIZE` fresh random bytes that bind a UDP
+    socket to this connection (:func:`udp_credentials`), good until the
+    connection closes.
     """
 
     commandName = b"Hello"
@@ -123,6 +134,7 @@ class Hello(amp.Command):
         (b"observed_port", amp.Integer()),
         (b"stun_port", amp.Integer()),
         (b"relay", amp.Boolean()),
+        (b"udp_token", amp.String()),
     ]
     errors = _errors()
 
@@ -155,8 +167,9 @@ class Register(amp.Command):
     Bind *name* to this connection's peer id and announce how to reach it:
     *listen_port* is the TCP port it accepts direct connections on (0:
     none), *private* its private addresses (hints only, at most
-    :data:`MAX_CANDIDATES`).  The answer is the registration's TTL in
-    seconds; ``Refresh`` before it runs out.
+    :data:`MAX_CANDIDATES`), *udp_private* the host addresses of its
+    punching UDP socket (hints too; absent means none).  The answer is the
+    registration's TTL in seconds; ``Refresh`` before it runs out.
     """
 
     commandName = b"Register"
@@ -164,6 +177,7 @@ class Register(amp.Command):
         (b"name", amp.Unicode()),
         (b"listen_port", amp.Integer()),
         (b"private", _candidates()),
+        (b"udp_private", _candidates(optional=True)),
     ]
     response = [(b"ttl", amp.Float())]
     errors = _errors(NameTaken)
@@ -182,7 +196,9 @@ class Refresh(amp.Command):
 
 class Lookup(amp.Command):
     """
-    What the server knows of a registered peer, by name or peer id.
+    What the server knows of a registered peer, by name or peer id.  Its
+    ``udp_host`` and ``udp_port`` are the address the STUN service last
+    observed the peer's bound UDP socket at (empty and 0 when none).
     """
 
     commandName = b"Lookup"
@@ -197,8 +213,10 @@ class Connect(amp.Command):
     moment the server answers with the callee's details and sends the
     callee ``Introduce`` with the caller's; both get the same fresh
     *session* id and *secret*.  *listen_port* is the caller's port for
-    connection reversal (0: none); *methods* the methods the caller will
-    try.
+    connection reversal (0: none); *udp_private* the host addresses of its
+    punching UDP socket (absent means none); *methods* the methods the
+    caller will try.  Each side's ``udp_host``/``udp_port`` is the address
+    the STUN service observed its bound UDP socket at, as of this moment.
     """
 
     commandName = b"Connect"
@@ -207,6 +225,7 @@ class Connect(amp.Command):
         (b"listen_port", amp.Integer()),
         (b"private", _candidates()),
         (b"methods", amp.ListOf(amp.Unicode())),
+        (b"udp_private", _candidates(optional=True)),
     ]
     response = [
         (b"session", amp.String()),
@@ -267,8 +286,10 @@ class RelayJoin(amp.ProtocolSwitchCommand):
 class Introduce(amp.Command):
     """
     Sent to a registered peer when someone connects to it: the caller's
-    details (``name`` is empty: callers need not register), the session id
-    and secret, and the methods the caller will try.
+    details (``name`` is empty: callers need not register; ``udp_host`` and
+    ``udp_port`` are where the STUN service last observed the caller's
+    bound UDP socket, empty and 0 when none), the session id and secret,
+    and the methods the caller will try.
     """
 
     commandName = b"Introduce"
@@ -415,6 +436,19 @@ def check_bytes(value: bytes, size: int, field: str) -> bytes:
     if len(value) != size:
         raise InvalidRequest(f"{field}: {len(value)} bytes, expected {size}")
     return value
+
+
+def udp_credentials(token: bytes) -> tuple[str, bytes]:
+    """
+    The STUN credentials of a UDP binding token from ``Hello``: the USERNAME
+    (the hex of its first 16 bytes, 32 characters) and the
+    MESSAGE-INTEGRITY key (its last 16 bytes; RFC 8489 section 14.5).
+
+    :raises InvalidRequest: when *token* is not :data:`UDP_TOKEN_SIZE` bytes.
+    """
+    check_bytes(token, UDP_TOKEN_SIZE, "udp_token")
+    half = UDP_TOKEN_SIZE // 2
+    return token[:half].hex(), token[half:]
 
 
 def access_proof(access_key: bytes, challenge: bytes) -> bytes:

@@ -10,12 +10,22 @@ refuses the registration is retried with the same backoff as one that is
 down.  Once registered it refreshes at a third of the TTL; when the server
 goes away it reconnects and registers again by itself.  Refusals that no
 retry can cure stop it.
+
+Given the peer's punching UDP socket (a
+:class:`~nattraverse.stun.demux.StunDemultiplexer`), every connection
+binds it (:meth:`~nattraverse.rendezvous.client.RendezvousSession.bind_udp`)
+before ``Register``, so that callers learn the address the rendezvous'
+STUN service observes it at; then it binds it again every
+``udp_keepalive`` seconds, which also keeps the NAT mapping of the socket
+alive (DESIGN section 3, step 2).  A failed binding is logged and retried
+on that schedule; it never holds the registration back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
@@ -32,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nattraverse._types import Endpoint
 from nattraverse.errors import (
     InvalidRequest,
     NameTaken,
@@ -49,7 +60,16 @@ from nattraverse.rendezvous.client import (
 )
 from nattraverse.rendezvous.commands import check_candidates, check_name, check_port
 
-__all__ = ["FATAL_ERRORS", "MIN_REFRESH_INTERVAL", "Registration"]
+if TYPE_CHECKING:
+    from nattraverse.stun.demux import StunDemultiplexer
+
+__all__ = [
+    "FATAL_ERRORS",
+    "MAX_UDP_KEEPALIVE",
+    "MIN_REFRESH_INTERVAL",
+    "UDP_BIND_TIMEOUT",
+    "Registration",
+]
 
 _log = Logger()
 
@@ -63,6 +83,14 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (
 
 #: Never refresh more often than this, in seconds, whatever the TTL.
 MIN_REFRESH_INTERVAL = 1.0
+
+#: Longest UDP keepalive interval accepted, in seconds: NATs may forget an
+#: idle UDP mapping after 30 s (RFC 4787 REQ-5 asks for 2 minutes, many
+#: keep less).
+MAX_UDP_KEEPALIVE = 25.0
+
+#: Longest wait for the answer to one UDP binding, in seconds.
+UDP_BIND_TIMEOUT = 3.0
 
 
 class _SessionWatcher(Protocol):
@@ -102,9 +130,17 @@ class Registration(Service):
         backoff with jitter by default.
     :param timeout: Seconds for each connection and handshake, and for
         each request.
-    :raises InvalidRequest: when *name*, *listen_port* or *private* could
-        not be registered.
-    :raises ValueError: when *timeout* is not a positive number of seconds.
+    :param udp: This peer's punching UDP socket, bound to every session
+        before ``Register`` and again every *udp_keepalive* seconds; ``None``
+        for none.
+    :param udp_private: The host addresses of that socket (hints for
+        callers).
+    :param udp_keepalive: Seconds between bindings of *udp*, above 0 and
+        at most :data:`MAX_UDP_KEEPALIVE`.
+    :raises InvalidRequest: when *name*, *listen_port*, *private* or
+        *udp_private* could not be registered.
+    :raises ValueError: when *timeout* is not a positive number of seconds,
+        or *udp_keepalive* is out of range.
 
     :ivar peer_name: The name registered.
     :ivar session: The registered session, ``None`` while there is none.
@@ -126,10 +162,17 @@ class Registration(Service):
         access_key: bytes | None = None,
         retry_policy: Callable[[int], float] | None = None,
         timeout: float = 10.0,
+        udp: StunDemultiplexer | None = None,
+        udp_private: Sequence[tuple[str, int]] = (),
+        udp_keepalive: float = 15.0,
     ) -> None:
         self.peer_name = check_name(name)
         self.listen_port = check_port(listen_port, "listen_port")
         self.private = tuple(check_candidates([{"host": h, "port": p} for h, p in private]))
+        self.udp_private = tuple(
+            check_candidates([{"host": h, "port": p} for h, p in udp_private], "udp_private")
+        )
+        self.udp_keepalive = _check_keepalive(udp_keepalive)
         self.where = describe_endpoint(endpoint)
         self.session: RendezvousSession | None = None
         self.ttl: float | None = None
@@ -145,6 +188,10 @@ class Registration(Service):
         self._waiters: list[Deferred[None]] = []
         self._refresh_call: IDelayedCall | None = None
         self._refreshing: Deferred[float] | None = None
+        self._udp = udp
+        self._bind_timeout = min(UDP_BIND_TIMEOUT, self._timeout, self.udp_keepalive)
+        self._keepalive_call: IDelayedCall | None = None
+        self._binding: Deferred[Endpoint] | None = None
         self._client = ClientService(
             _RegisteringEndpoint(self),
             Factory.forProtocol(_SessionWatcher),
@@ -154,6 +201,16 @@ class Registration(Service):
 
     def __repr__(self) -> str:
         return f"<Registration of {self.peer_name!r} at {self.where}>"
+
+    @property
+    def udp_observed(self) -> Endpoint | None:
+        """
+        Where the rendezvous' STUN service last observed the UDP socket, on
+        the current session; ``None`` while there is no session or the
+        socket has not been bound on it.
+        """
+        session = self.session
+        return session.udp_observed if session is not None else None
 
     # -- the service --------------------------------------------------------
 
@@ -177,6 +234,7 @@ class Registration(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopped = True
         self._stop_refreshing()
+        self._stop_keepalive()
         stopped = self._client.stopService()
         if self.session is not None:
             self.session.close()
@@ -235,7 +293,11 @@ class Registration(Service):
                 timeout=self._timeout,
             )
             try:
-                ttl = await session.register(self.peer_name, self.listen_port, self.private)
+                if self._udp is not None:
+                    await self._first_binding(session, self._udp)
+                ttl = await session.register(
+                    self.peer_name, self.listen_port, self.private, udp_private=self.udp_private
+                )
             except BaseException:
                 session.close()
                 raise
@@ -243,6 +305,20 @@ class Registration(Service):
 
         attempt: Deferred[Any] = Deferred.fromCoroutine(run())
         return attempt.addCallbacks(self._registered_on, self._attempt_failed, (factory,))
+
+    async def _first_binding(self, session: RendezvousSession, udp: StunDemultiplexer) -> None:
+        """Bind *udp* before ``Register``; a failure is logged, not raised."""
+        try:
+            await session.bind_udp(udp, timeout=self._bind_timeout)
+        except RendezvousUnavailable as e:
+            _log.warn(
+                "binding the UDP socket of {name} to the rendezvous at {where} failed: "
+                "{error}; registering without it, retrying every {keepalive} s",
+                name=self.peer_name,
+                where=self.where,
+                error=e,
+                keepalive=self.udp_keepalive,
+            )
 
     def _registered_on(
         self, outcome: tuple[RendezvousSession, float], factory: IProtocolFactory
@@ -269,6 +345,7 @@ class Registration(Service):
             ttl=ttl,
         )
         self._schedule_refresh(session, ttl)
+        self._schedule_keepalive(session, self.udp_keepalive)
         if not self._registered:
             self._registered = True
             self._wake(None)
@@ -305,6 +382,7 @@ class Registration(Service):
         self.session = None
         self.ttl = None
         self._stop_refreshing()
+        self._stop_keepalive()
         if self.running:
             _log.warn(
                 "lost the rendezvous connection to {where} ({reason}); registering {name} again",
@@ -351,3 +429,59 @@ class Registration(Service):
             session.close()
 
         refreshing.addCallbacks(refreshed, failed)
+
+    # -- UDP keepalive ------------------------------------------------------
+
+    def _schedule_keepalive(self, session: RendezvousSession, delay: float) -> None:
+        if self._udp is None or session is not self.session or not self.running:
+            return
+        self._keepalive_call = self._reactor.callLater(delay, self._keepalive, session)
+
+    def _stop_keepalive(self) -> None:
+        call, self._keepalive_call = self._keepalive_call, None
+        if call is not None and call.active():
+            call.cancel()
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            binding.cancel()
+
+    def _keepalive(self, session: RendezvousSession) -> None:
+        """Bind the UDP socket again: the rendezvous sees a rebinding, the NAT keeps its mapping."""
+        self._keepalive_call = None
+        udp = self._udp
+        assert udp is not None
+        started = self._reactor.seconds()
+        binding = self._binding = session.bind_udp(udp, timeout=self._bind_timeout)
+
+        def done(outcome: Endpoint | Failure) -> None:
+            if self._binding is binding:
+                self._binding = None
+            if isinstance(outcome, Failure):
+                if outcome.check(CancelledError):
+                    return
+                _log.warn(
+                    "the UDP keepalive of {name} to the rendezvous at {where} failed: {error}; "
+                    "retrying in {keepalive} s",
+                    name=self.peer_name,
+                    where=self.where,
+                    error=outcome.value,
+                    keepalive=self.udp_keepalive,
+                )
+            elapsed = self._reactor.seconds() - started
+            self._schedule_keepalive(session, max(self.udp_keepalive - elapsed, 0.0))
+
+        binding.addBoth(done)
+
+
+def _check_keepalive(seconds: float) -> float:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or not 0 < seconds <= MAX_UDP_KEEPALIVE
+    ):
+        raise ValueError(
+            f"udp_keepalive: {seconds!r} is not a number of seconds above 0 and at most "
+            f"{MAX_UDP_KEEPALIVE:g} (NATs may forget an idle UDP mapping after 30 s)"
+        )
+    return float(seconds)

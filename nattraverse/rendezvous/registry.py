@@ -46,12 +46,17 @@ class PeerRecord(NamedTuple):
         none).
     :ivar private: The private addresses it claims, as ``(host, port)``;
         hints only.
+    :ivar udp_private: The host addresses of its punching UDP socket it
+        claims, as ``(host, port)``; hints only.  (Its server-reflexive UDP
+        address is not recorded here: it is whatever the STUN service last
+        observed for the connection, read when it is asked for.)
     """
 
     observed_host: str
     observed_port: int
     listen_port: int
     private: tuple[tuple[str, int], ...]
+    udp_private: tuple[tuple[str, int], ...] = ()
 
 
 class Registration:

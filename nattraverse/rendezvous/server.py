@@ -7,7 +7,9 @@ connection reversal and for relays.
   check every value (:mod:`nattraverse.rendezvous.commands`) and keep the
   soft state in a :class:`~nattraverse.rendezvous.registry.Registry`.
 - :class:`RendezvousFactory` holds what connections share: the registry,
-  the limits, the relay hub, the access key, the counters.
+  the limits, the relay hub, the access key, the counters, and the UDP
+  binding tokens (:mod:`nattraverse.rendezvous.udpbind`) it shares with the
+  STUN server of the same host.
 - :class:`RendezvousService` listens on endpoint descriptions
   (``tcp:8478``, ``ssl:8479:privateKey=...``) and sweeps expired state.
 
@@ -49,6 +51,7 @@ from nattraverse.rendezvous._server_protocol import MAX_PUBLIC_KEY as MAX_PUBLIC
 from nattraverse.rendezvous._server_protocol import MAX_REVERSALS, RendezvousServerProtocol
 from nattraverse.rendezvous.commands import check_port
 from nattraverse.rendezvous.registry import Registry
+from nattraverse.rendezvous.udpbind import UdpBindings
 
 if TYPE_CHECKING:
     from nattraverse.rendezvous.relay import RelayHub
@@ -123,6 +126,11 @@ class RendezvousFactory(ServerFactory):
     :param stun_port: The STUN port of this host, told in ``Hello`` (0:
         none).
     :param random: Source of challenges, session ids and secrets.
+    :param udp_bindings: The UDP binding tokens, shared with the STUN
+        service; ``None`` makes a table of its own (tokens are issued all
+        the same, and bind nothing without a STUN service).
+
+    :ivar udp_bindings: The UDP binding tokens.
     """
 
     noisy = False
@@ -136,6 +144,7 @@ class RendezvousFactory(ServerFactory):
         access_key: bytes | None = None,
         stun_port: int = 0,
         random: Callable[[int], bytes] = os.urandom,
+        udp_bindings: UdpBindings | None = None,
     ) -> None:
         self.reactor = reactor
         self.limits = limits = limits if limits is not None else RendezvousLimits()
@@ -152,6 +161,9 @@ class RendezvousFactory(ServerFactory):
             introduction_ttl=limits.introduction_ttl,
             max_introductions=limits.max_introductions,
         )
+        if udp_bindings is None:
+            udp_bindings = UdpBindings(capacity=limits.max_connections, random=random)
+        self.udp_bindings = udp_bindings
         self.connections: set[RendezvousServerProtocol] = set()
         self.stats = RendezvousStats()
         self._emptied: list[defer.Deferred[None]] = []
@@ -172,8 +184,11 @@ class RendezvousFactory(ServerFactory):
         return RendezvousServerProtocol(self)
 
     def disconnected(self, protocol: RendezvousServerProtocol) -> None:
-        """*protocol*'s connection is lost."""
+        """*protocol*'s connection is lost: its UDP binding token dies with it."""
         self.connections.discard(protocol)
+        token, protocol.udp_token = protocol.udp_token, None
+        if token is not None:
+            self.udp_bindings.revoke(token)
         if protocol.peer_id is not None and self.registry.detach(protocol.peer_id, protocol):
             _log.info(
                 "{peer} disconnected; its registration is kept until it expires",
@@ -236,6 +251,9 @@ class RendezvousService(Service):
     :param access_key: When given, clients must prove they know it.
     :param stun_port: The STUN port of this host, told to clients.
     :param random: Source of challenges, session ids and secrets.
+    :param udp_bindings: The UDP binding tokens, shared with the
+        :class:`~nattraverse.stun.server.StunServer` of this host (its
+        ``bindings``); ``None`` makes a table of its own.
 
     :ivar factory: The :class:`RendezvousFactory` the endpoints serve.
     :ivar ports: The listening ports, once listening (the real port numbers
@@ -252,6 +270,7 @@ class RendezvousService(Service):
         access_key: bytes | None = None,
         stun_port: int = 0,
         random: Callable[[int], bytes] = os.urandom,
+        udp_bindings: UdpBindings | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("the rendezvous needs at least one endpoint to listen on")
@@ -267,6 +286,7 @@ class RendezvousService(Service):
             access_key=access_key,
             stun_port=stun_port,
             random=random,
+            udp_bindings=udp_bindings,
         )
         self.ports: list[IListeningPort] = []
         self._sweeper: LoopingCall | None = None

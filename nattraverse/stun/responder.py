@@ -8,6 +8,13 @@ answers RFC 3489 clients expect (MAPPED-ADDRESS, SOURCE-ADDRESS,
 CHANGED-ADDRESS).  The Twisted adapters in :mod:`nattraverse.stun.server`
 feed it datagrams and send what it returns.
 
+With a table of UDP binding tokens (``bindings``, a
+:class:`~nattraverse.rendezvous.udpbind.UdpBindings`), a Binding request
+over UDP whose USERNAME names a live token must carry a MESSAGE-INTEGRITY
+keyed by it: then its source address is reported to the token's owner and
+the answer carries MESSAGE-INTEGRITY and FINGERPRINT; otherwise it gets a
+401 and nothing is reported.  Any other USERNAME gets the ordinary answer.
+
 Amplification: with RFC 5780 off and no SOFTWARE configured, a response to
 an unauthenticated IPv4 request is at most 1.6 times the request (a 20-byte
 Binding request gets a 32-byte answer); error responses shorten their reason
@@ -18,10 +25,10 @@ a 44-byte answer, so IPv6 answers are the minimal ones, not within 1.6x.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from nattraverse._types import Endpoint
-from nattraverse.errors import FingerprintMismatch, StunDecodeError
+from nattraverse.errors import FingerprintMismatch, StunDecodeError, StunIntegrityError
 from nattraverse.stun.attributes import (
     Attribute,
     ChangedAddress,
@@ -36,6 +43,7 @@ from nattraverse.stun.attributes import (
     Software,
     SourceAddress,
     UnknownAttributes,
+    Username,
     XorMappedAddress,
 )
 from nattraverse.stun.constants import (
@@ -98,7 +106,14 @@ class Reply(NamedTuple):
 
 @dataclass(slots=True)
 class ServerStats:
-    """Counters of a STUN server, for logs and tests."""
+    """
+    Counters of a STUN server, for logs and tests.
+
+    :ivar bindings: Authenticated UDP binding requests answered (their
+        source reported to the token's owner).
+    :ivar integrity_failed: Requests naming a live binding token whose
+        MESSAGE-INTEGRITY was missing or wrong (refused with 401).
+    """
 
     requests: int = 0
     responses: int = 0
@@ -108,6 +123,21 @@ class ServerStats:
     dropped_not_request: int = 0
     dropped_over_budget: int = 0
     errors_by_code: dict[int, int] = field(default_factory=dict)
+    bindings: int = 0
+    integrity_failed: int = 0
+
+
+class Bindings(Protocol):
+    """
+    What the responder needs of a table of UDP binding tokens
+    (:class:`~nattraverse.rendezvous.udpbind.UdpBindings`).
+    """
+
+    def lookup(self, username: str) -> bytes | None:
+        """The MESSAGE-INTEGRITY key of the live token *username* names, or ``None``."""
+
+    def observed(self, username: str, source: Endpoint) -> bool:
+        """An authenticated request with *username* came from *source*."""
 
 
 class _Refuse(Exception):
@@ -127,6 +157,8 @@ class BindingResponder:
     :param software: Text of a SOFTWARE attribute to add to every answer,
         or ``None`` (the default: smaller answers).
     :param stats: Counters to update.
+    :param bindings: The UDP binding tokens of the rendezvous, or ``None``
+        (no request is authenticated; every USERNAME is ignored).
     """
 
     def __init__(
@@ -135,10 +167,12 @@ class BindingResponder:
         *,
         software: str | None = None,
         stats: ServerStats | None = None,
+        bindings: Bindings | None = None,
     ) -> None:
         self.addresses = addresses
         self.software = None if software is None else Software(software)
         self.stats = ServerStats() if stats is None else stats
+        self.bindings = bindings
 
     @property
     def fast_path_allowed(self) -> bool:
@@ -187,7 +221,15 @@ class BindingResponder:
             return None
         stats.requests += 1
         try:
-            return self._answer(message, data, source, local, stream)
+            binding = None if stream else self._binding(message)
+            if binding is None:
+                return self._answer(message, data, source, local, stream)
+            username, key = binding
+            reply = self._answer(message, data, source, local, stream, key)
+            assert self.bindings is not None
+            if self.bindings.observed(username, source):
+                stats.bindings += 1
+            return reply
         except _Refuse as refusal:
             return self._error(
                 message.method,
@@ -201,8 +243,39 @@ class BindingResponder:
                 fingerprint=message.get(Fingerprint) is not None and not message.classic,
             )
 
+    def _binding(self, message: Message) -> tuple[str, bytes] | None:
+        """
+        The USERNAME and key of a UDP binding request whose USERNAME names a
+        live token and whose integrity holds; ``None`` for any other
+        request.
+
+        :raises _Refuse: 401 when the USERNAME names a live token but the
+            integrity does not hold.
+        """
+        bindings = self.bindings
+        if bindings is None or message.method != Method.BINDING or message.classic:
+            return None
+        username = message.get(Username)
+        if username is None:
+            return None
+        key = bindings.lookup(username.value)
+        if key is None:
+            return None
+        try:
+            message.check_integrity(key)
+        except StunIntegrityError:
+            self.stats.integrity_failed += 1
+            raise _Refuse(401, "Unauthenticated") from None
+        return username.value, key
+
     def _answer(
-        self, message: Message, data: bytes, source: Endpoint, local: SocketKey, stream: bool
+        self,
+        message: Message,
+        data: bytes,
+        source: Endpoint,
+        local: SocketKey,
+        stream: bool,
+        integrity_key: bytes | None = None,
     ) -> Reply:
         if message.method != Method.BINDING:
             raise _Refuse(400, "unsupported method")
@@ -248,6 +321,9 @@ class BindingResponder:
                 attributes.append(OtherAddress(addresses.endpoint(_other(local))))
         if self.software is not None:
             attributes.append(self.software)
+        fingerprint = integrity_key is not None or (
+            message.get(Fingerprint) is not None and not message.classic
+        )
         if padding is not None and not message.classic:
             # RFC 5780 section 6.1 suggests padding to the MTU; we echo the
             # request's padding length, so that PADDING never amplifies, cut
@@ -255,7 +331,7 @@ class BindingResponder:
             used = HEADER_LENGTH + sum(
                 4 + _padded(len(a.encode_value(message.transaction_id))) for a in attributes
             )
-            room = MAX_UDP_PAYLOAD - used - 4 - 8 * (message.get(Fingerprint) is not None)
+            room = MAX_UDP_PAYLOAD - used - 4 - 8 * fingerprint - 24 * (integrity_key is not None)
             length = min(len(padding.value), room - room % 4)
             attributes.append(Padding(b"\x00" * length))
         payload = encode(
@@ -263,7 +339,8 @@ class BindingResponder:
             MessageClass.SUCCESS,
             message.transaction_id,
             attributes,
-            fingerprint=message.get(Fingerprint) is not None and not message.classic,
+            integrity_key=integrity_key,
+            fingerprint=fingerprint,
         )
         self.stats.responses += 1
         return Reply(payload, via, destination)

@@ -5,6 +5,9 @@ The STUN server: Twisted adapters around
 - UDP: one socket, or four (two addresses by two ports) for RFC 5780.  Each
   datagram is answered from the socket the responder chooses, to the
   request's source (or RESPONSE-PORT).  Nothing is kept per source.
+  Binding requests that authenticate with a rendezvous UDP binding token
+  (``bindings``) report their source to its rendezvous connection; only
+  over UDP, never over TCP.
 - TCP: STUN framed over a stream (RFC 8489 section 6.2.2), with an idle
   timeout, a cap on message size and a cap on concurrent connections.
 
@@ -42,6 +45,7 @@ from nattraverse.stun.message import frame_length
 from nattraverse.stun.responder import (
     PRIMARY,
     BindingResponder,
+    Bindings,
     Reply,
     ServerAddresses,
     ServerStats,
@@ -182,6 +186,10 @@ class StunServer(Service):
         at once.
     :param fast_path: Use the lean UDP receive loop for plain Binding
         requests, where the reactor supports it.
+    :param bindings: The rendezvous' UDP binding tokens
+        (:class:`~nattraverse.rendezvous.udpbind.UdpBindings`): Binding
+        requests over UDP that authenticate with one report their source
+        to its connection.  ``None``: every request is answered alike.
     """
 
     def __init__(
@@ -197,6 +205,7 @@ class StunServer(Service):
         tcp_idle_timeout: float = 10.0,
         max_tcp_connections: int = 1000,
         fast_path: bool = True,
+        bindings: Bindings | None = None,
     ) -> None:
         if alt_address is not None and (
             not interface or ipaddress.ip_address(interface).is_unspecified
@@ -215,7 +224,7 @@ class StunServer(Service):
         self.max_tcp_connections = max_tcp_connections
         self.fast_path = fast_path
         self.stats = ServerStats()
-        self.responder = BindingResponder(software=software, stats=self.stats)
+        self.responder = BindingResponder(software=software, stats=self.stats, bindings=bindings)
         self.stats_internal_errors = 0
         self.send_errors = 0
         self.tcp_connections = 0

@@ -45,6 +45,7 @@ from nattraverse.rendezvous.commands import (
 T = TypeVar("T")
 
 CHALLENGE = bytes(range(32))
+UDP_TOKEN = bytes(range(100, 132))
 SESSION = b"S" * 16
 SECRET = b"K" * 32
 TOKEN = b"T" * 32
@@ -68,6 +69,9 @@ def peer_fields(**override: Any) -> dict[str, Any]:
         "observed_port": 50000,
         "listen_port": 7000,
         "private": [{"host": "10.0.0.9", "port": 7000}],
+        "udp_host": "",
+        "udp_port": 0,
+        "udp_private": [],
     }
     fields.update(override)
     return fields
@@ -85,6 +89,7 @@ class Script:
             "observed_port": OBSERVED[1],
             "stun_port": 3478,
             "relay": True,
+            "udp_token": UDP_TOKEN,
         }
     )
     access_key: bytes | None = None
@@ -149,10 +154,16 @@ class FakeServer(amp.AMP):
         return {"peer_id": self.script.bound_peer_id or str(self.peer_id)}
 
     @Register.responder
-    def register(self, name: str, listen_port: int, private: list[dict[str, Any]]) -> Any:
+    def register(
+        self,
+        name: str,
+        listen_port: int,
+        private: list[dict[str, Any]],
+        udp_private: list[dict[str, Any]] | None = None,
+    ) -> Any:
         return self.answer(
             b"Register", {"ttl": self.script.ttl}, name=name, listen_port=listen_port,
-            private=private,
+            private=private, udp_private=udp_private,
         )  # fmt: skip
 
     @Refresh.responder
@@ -165,11 +176,16 @@ class FakeServer(amp.AMP):
 
     @Connect.responder
     def connect(
-        self, peer: str, listen_port: int, private: list[dict[str, Any]], methods: list[str]
+        self,
+        peer: str,
+        listen_port: int,
+        private: list[dict[str, Any]],
+        methods: list[str],
+        udp_private: list[dict[str, Any]] | None = None,
     ) -> Any:
         return self.answer(
             b"Connect", dict(self.script.connect), peer=peer, listen_port=listen_port,
-            private=private, methods=methods,
+            private=private, methods=methods, udp_private=udp_private,
         )  # fmt: skip
 
     @Reverse.responder

@@ -53,6 +53,7 @@ from tests.unit.rendezvous.rendezvous_fakes import (
     SECRET,
     SESSION,
     TOKEN,
+    UDP_TOKEN,
     Handler,
     Network,
     RawRecorder,
@@ -89,7 +90,9 @@ def session(opening: Opener, network: Network) -> RendezvousSession:
 
 def test_open_session_learns_hello(session: RendezvousSession) -> None:
     """The session carries what the server said in Hello."""
-    assert session.hello == ServerHello(observed=OBSERVED, stun_port=3478, relay=True)
+    assert session.hello == ServerHello(
+        observed=OBSERVED, stun_port=3478, relay=True, udp_token=UDP_TOKEN
+    )
 
 
 def test_open_session_sends_protocol_version(session: RendezvousSession, network: Network) -> None:
@@ -238,7 +241,12 @@ def test_register(session: RendezvousSession, network: Network) -> None:
     d = call(network, session.register("alice", 7000, [("10.0.0.2", 7000)]))
     assert succeeded(d) == 30.0
     assert network.server.named(b"Register") == [
-        {"name": "alice", "listen_port": 7000, "private": [{"host": "10.0.0.2", "port": 7000}]}
+        {
+            "name": "alice",
+            "listen_port": 7000,
+            "private": [{"host": "10.0.0.2", "port": 7000}],
+            "udp_private": [],
+        }
     ]
 
 
@@ -350,6 +358,7 @@ def test_connect(session: RendezvousSession, network: Network) -> None:
             "listen_port": 6000,
             "private": [{"host": "10.0.0.2", "port": 6000}],
             "methods": ["direct", "relay"],
+            "udp_private": [],
         }
     ]
 

@@ -94,7 +94,12 @@ def stop(registration: Registration, network: Network) -> None:
 def test_registers_on_start(registered: Registration, network: Network) -> None:
     """Starting runs Hello, Authenticate and Register, and when_registered fires."""
     assert registers(network) == [
-        {"name": "alice", "listen_port": 7000, "private": [{"host": "10.0.0.2", "port": 7000}]}
+        {
+            "name": "alice",
+            "listen_port": 7000,
+            "private": [{"host": "10.0.0.2", "port": 7000}],
+            "udp_private": [],
+        }
     ]
     assert registered.session is not None
     assert registered.session.is_open

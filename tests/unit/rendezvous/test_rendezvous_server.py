@@ -461,6 +461,9 @@ def test_register_and_lookup(rig: Rig) -> None:
             "observed_port": callee.server.observed_port,
             "listen_port": 8000,
             "private": [{"host": "10.0.0.5", "port": 8000}],
+            "udp_host": "",
+            "udp_port": 0,
+            "udp_private": [],
         }
 
 
