@@ -37,7 +37,7 @@ from zope.interface import implementer
 from nattraverse._race import discard_path
 from nattraverse.errors import RendezvousUnavailable
 from nattraverse.identity import Identity, PeerId
-from nattraverse.interfaces import CalleeContext, ITraversalMethod, path_secrets
+from nattraverse.interfaces import CalleeContext, ITraversalMethod, Path, path_secrets
 from nattraverse.rendezvous.client import Introduction, IRendezvousHandler, describe_endpoint
 from nattraverse.rendezvous.commands import MAX_CANDIDATES
 from nattraverse.rendezvous.registration import Registration
@@ -139,7 +139,7 @@ class _Pending:
     introduction: Introduction
     timer: IDelayedCall
     since: float
-    attempts: set[Deferred[SecurePath]] = field(default_factory=set)
+    attempts: set[Deferred[Path]] = field(default_factory=set)
 
 
 class _Held(Protocol):
@@ -265,6 +265,7 @@ class PunchListener:
         access_key: bytes | None,
         timeout: float,
         private: Sequence[str] | None,
+        checks: Any = None,
     ) -> None:
         self._reactor = reactor
         self._rendezvous = rendezvous
@@ -277,6 +278,9 @@ class PunchListener:
         self._access_key = access_key
         self._timeout = timeout
         self._private = private
+        self._checks = checks
+        self._udp: Any = None
+        self._udp_hosts: list[str] = []
         self._context = CalleeContext(
             reactor=reactor,
             identity=identity,
@@ -284,6 +288,8 @@ class PunchListener:
             rendezvous=rendezvous,
             access_key=access_key,
             timeout=timeout,
+            udp=None,
+            udp_candidates=self._udp_candidates,
         )
         #: The method that labels the paths accepted on the direct port.
         self._direct_method = next((m.name for m in self._methods if m.callee_listens), None)
@@ -313,6 +319,9 @@ class PunchListener:
                 listen_port = self._tcp.getHost().port
             addresses = _announced(self._interface) if self._private is None else self._private
             private = [(host, listen_port) for host in addresses] if listen_port else []
+            udp_private: list[tuple[str, int]] = []
+            if any(getattr(method, "uses_udp", False) for method in self._methods):
+                udp_private = self._open_udp(addresses)
             self._registration = Registration(
                 self._reactor,
                 self._rendezvous,
@@ -320,6 +329,8 @@ class PunchListener:
                 self._name,
                 listen_port=listen_port,
                 private=private[:MAX_CANDIDATES],
+                udp=None if self._udp is None else self._udp.demux,
+                udp_private=udp_private[:MAX_CANDIDATES],
                 handler=self,
                 access_key=self._access_key,
                 timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
@@ -339,6 +350,34 @@ class PunchListener:
             methods=",".join(m.name for m in self._methods),
         )
         return _PunchPort(self)
+
+    def _open_udp(self, addresses: Sequence[str]) -> list[tuple[str, int]]:
+        """
+        Open the punching port on the interface of the direct port; the
+        registration binds it at the rendezvous and keeps it alive.
+
+        :returns: The host candidates to announce.
+        """
+        from dataclasses import replace
+
+        from nattraverse.punch.port import PunchingPort
+
+        self._udp = PunchingPort(
+            self._reactor, self._identity, interface=self._interface, config=self._checks
+        )
+        port = self._udp.start().port
+        self._udp_hosts = list(addresses)
+        self._context = replace(self._context, udp=self._udp)
+        return [(host, port) for host in self._udp_hosts]
+
+    def _udp_candidates(self) -> list[Any]:
+        """This side's UDP candidates now (the observed address may change)."""
+        from nattraverse.punch.candidates import gather
+
+        if self._udp is None or self._udp.closed:
+            return []
+        observed = self._registration.udp_observed if self._registration is not None else None
+        return gather(self._udp.address.port, self._udp_hosts, observed)
 
     def _not_registered(self, result: object, seconds: float) -> object:
         if isinstance(result, Failure) and result.check(CancelledError):
@@ -363,6 +402,10 @@ class PunchListener:
             waits.append(self._registration.stopService())
         if self._tcp is not None:
             waits.append(maybeDeferred(self._tcp.stopListening))
+        if self._udp is not None:
+            # Kept while QUIC paths on it carry connections, as TCP
+            # connections outlive their listening port.
+            self._udp.close_when_idle()
         pending, self._pending = self._pending, OrderedDict()
         for entry in pending.values():
             self._drop(entry)
@@ -460,7 +503,7 @@ class PunchListener:
     ) -> None:
         """Call one method's hook and adopt the path it opens, if any."""
         try:
-            attempt: Deferred[SecurePath] | None = call(*args)
+            attempt: Deferred[Path] | None = call(*args)
         except Exception:
             _log.failure("{method}.{hook}() failed", method=method.name, hook=hook)
             return
@@ -469,7 +512,7 @@ class PunchListener:
         entry.attempts.add(attempt)
         peer = str(entry.introduction.peer.peer_id)
 
-        def done(result: SecurePath | Failure) -> None:
+        def done(result: Path | Failure) -> None:
             entry.attempts.discard(attempt)
             if isinstance(result, Failure):
                 if not result.check(CancelledError):
@@ -538,7 +581,7 @@ class PunchListener:
 
     # -- the application --------------------------------------------------------
 
-    def _deliver(self, path: SecurePath) -> None:
+    def _deliver(self, path: Path) -> None:
         """The caller selected *path*: hand it to the application."""
         if self.stopped:
             discard_path(path)

@@ -47,7 +47,16 @@ ACCESS_KEY_ENVIRONMENT = "NATTRAVERSE_ACCESS_KEY"
 MAX_ACCESS_KEY_FILE = MAX_KEY_FILE
 
 #: The keys each side takes.
-CLIENT_KEYS = ("peer", "rendezvous", "identity", "methods", "timeout", "accessKeyFile")
+CLIENT_KEYS = (
+    "peer",
+    "rendezvous",
+    "identity",
+    "methods",
+    "timeout",
+    "accessKeyFile",
+    "checkInterval",
+    "punchTimeout",
+)
 SERVER_KEYS = (
     "name",
     "rendezvous",
@@ -57,6 +66,8 @@ SERVER_KEYS = (
     "methods",
     "timeout",
     "accessKeyFile",
+    "checkInterval",
+    "punchTimeout",
 )
 
 
@@ -122,7 +133,7 @@ def _methods(value: str | None) -> list[str] | None:
     return names
 
 
-def _timeout(value: str | None, default: float) -> float:
+def _timeout(value: str | None, default: float, key: str = "timeout") -> float:
     if value is None:
         return default
     try:
@@ -130,8 +141,21 @@ def _timeout(value: str | None, default: float) -> float:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"punch: timeout={value!r} is not a positive number of seconds")
+        raise ValueError(f"punch: {key}={value!r} is not a positive number of seconds")
     return seconds
+
+
+def _checks(interval: str | None, deadline: str | None) -> Any:
+    """The UDP checks' pacing and deadline, when either key is given."""
+    if interval is None and deadline is None:
+        return None
+    from nattraverse.punch.checks import CheckConfig
+
+    default = CheckConfig()
+    return CheckConfig(
+        ta=_timeout(interval, default.ta, "checkInterval"),
+        deadline=_timeout(deadline, default.deadline, "punchTimeout"),
+    )
 
 
 def _access_key(path: str | None, environ: Mapping[str, str]) -> bytes | None:
@@ -196,6 +220,8 @@ def parse_client(
     methods: str | None = None,
     timeout: str | None = None,
     accessKeyFile: str | None = None,
+    checkInterval: str | None = None,
+    punchTimeout: str | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> PunchClientEndpoint:
@@ -223,6 +249,7 @@ def parse_client(
             methods=chosen,
             timeout=seconds,
             access_key=key,
+            checks=_checks(checkInterval, punchTimeout),
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e
@@ -238,6 +265,8 @@ def parse_server(
     methods: str | None = None,
     timeout: str | None = None,
     accessKeyFile: str | None = None,
+    checkInterval: str | None = None,
+    punchTimeout: str | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> PunchServerEndpoint:
@@ -276,6 +305,7 @@ def parse_server(
             methods=chosen,
             access_key=key,
             timeout=seconds,
+            checks=_checks(checkInterval, punchTimeout),
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e

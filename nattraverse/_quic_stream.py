@@ -19,7 +19,6 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IProducer,
@@ -30,36 +29,13 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from nattraverse.errors import NatTraverseError, PeerAuthenticationFailed
+from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.identity import PeerId
 
 if TYPE_CHECKING:
     from nattraverse.quic import QuicPath
 
-__all__ = ["QuicPathClosed", "QuicPathIdle", "QuicStreamTransport"]
-
-
-class QuicPathIdle(NatTraverseError, ConnectionLost):
-    """
-    The QUIC path carried nothing for its idle timeout (RFC 9000 section
-    10.1) although keepalive PINGs were sent: the peer, or the path through
-    the NATs, is gone.  Connect again (a new punch, or the relay).
-    """
-
-
-class QuicPathClosed(NatTraverseError, ConnectionLost):
-    """
-    The QUIC connection was closed with an error, by the peer or by this
-    side (RFC 9000 section 10.2), or the stream was reset.
-
-    :ivar error_code: The QUIC or application error code.
-    :ivar reason_phrase: The reason the closing side gave.
-    """
-
-    def __init__(self, message: str, error_code: int = 0, reason_phrase: str = "") -> None:
-        super().__init__(message)
-        self.error_code = error_code
-        self.reason_phrase = reason_phrase
+__all__ = ["QuicStreamTransport", "check_pin"]
 
 
 class _Sized(Protocol):

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
+    from nattraverse.interfaces import Path
     from nattraverse.secure import SecurePath
 
 __all__ = ["Contender", "Race", "discard_path", "is_cancellation", "open_tcp_path", "tcp_endpoint"]
@@ -235,7 +236,7 @@ class Race(Generic[T]):
 # -- paths ------------------------------------------------------------------------
 
 
-def discard_path(path: SecurePath) -> None:
+def discard_path(path: Path) -> None:
     """
     Abort *path*, whose :attr:`~nattraverse.secure.SecurePath.authenticated`
     nobody waits for any more (its failure is swallowed, not logged as

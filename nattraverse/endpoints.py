@@ -33,15 +33,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nattraverse._listener import PunchAddress, PunchListener
+from nattraverse._listener import PunchAddress, PunchListener, local_ipv4_addresses
 from nattraverse._race import Contender, Race, discard_path
 from nattraverse.errors import MethodNotApplicable, PeerAuthenticationFailed, PunchFailed
 from nattraverse.identity import Identity
-from nattraverse.interfaces import CallerContext, ITraversalMethod
+from nattraverse.interfaces import CallerContext, ITraversalMethod, Path
 from nattraverse.methods import choose_methods
+from nattraverse.punch.checks import CheckConfig
 from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
 from nattraverse.rendezvous.commands import check_name, is_peer_id
-from nattraverse.secure import SecurePath
 
 __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
@@ -49,6 +49,9 @@ _log = Logger()
 
 #: Seconds the rendezvous may take to answer any one request.
 RENDEZVOUS_TIMEOUT = 10.0
+#: Seconds the rendezvous' STUN service may take to answer the binding of
+#: the punching port.
+UDP_BINDING_TIMEOUT = 3.0
 
 
 def _seconds(value: float, what: str, *, zero: bool = False) -> float:
@@ -119,6 +122,12 @@ class PunchClientEndpoint:
     :param stagger: Seconds before the last-resort methods (the relay)
         start, unless every other method has already failed.
     :param access_key: The rendezvous' access key, when it wants one.
+    :param private: This host's addresses to announce as the host
+        candidates of its punching UDP port (for a peer behind the same
+        NAT); ``None``: this host's non-loopback IPv4 addresses.
+    :param checks: The UDP connectivity checks' pacing, retransmission,
+        budget and deadline (:class:`~nattraverse.punch.checks.CheckConfig`);
+        ``None``: the defaults (a check every 50 ms, 10 s at most).
     :raises ValueError: naming the argument, when one is not acceptable.
     """
 
@@ -133,15 +142,19 @@ class PunchClientEndpoint:
         timeout: float = 30.0,
         stagger: float = 0.5,
         access_key: bytes | None = None,
+        private: Sequence[str] | None = None,
+        checks: CheckConfig | None = None,
     ) -> None:
         self._reactor = reactor
         self._rendezvous = rendezvous
         self._peer = _check_peer(peer)
+        self._checks = checks
         self._methods = choose_methods(methods)
         self._timeout = _seconds(timeout, "timeout")
         self._stagger = _seconds(stagger, "stagger", zero=True)
         self._identity = identity if identity is not None else Identity.generate()
         self._access_key = access_key
+        self._private = None if private is None else tuple(private)
         self._open_session: Callable[..., Deferred[RendezvousSession]] = open_session
 
     def __repr__(self) -> str:
@@ -166,6 +179,11 @@ class PunchClientEndpoint:
     def timeout(self) -> float:
         """Seconds a ``connect()`` may take."""
         return self._timeout
+
+    @property
+    def checks(self) -> CheckConfig | None:
+        """The UDP checks' configuration (``None``: the defaults)."""
+        return self._checks
 
     @property
     def identity(self) -> Identity:
@@ -229,9 +247,21 @@ class PunchClientEndpoint:
             deadline,
             "opening the rendezvous session",
         )
+        udp: Any = None
         try:
+            udp_local: tuple[Any, ...] = ()
+            udp_private: list[tuple[str, int]] = []
+            udp_problem: str | None = None
+            if any(getattr(method, "uses_udp", False) for method in self._methods):
+                udp, udp_local, udp_private, udp_problem = await self._open_udp(session, deadline)
             introduction: Introduction = await self._within(
-                session.connect(self._peer, 0, (), list(self.methods)),
+                session.connect(
+                    self._peer,
+                    0,
+                    (),
+                    list(self.methods),
+                    udp_private=udp_private,
+                ),
                 deadline,
                 f"the introduction to {self._peer}",
             )
@@ -251,8 +281,11 @@ class PunchClientEndpoint:
                 peer=self._peer,
                 access_key=self._access_key,
                 timeout=remaining,
+                udp=udp,
+                udp_local=udp_local,
+                udp_problem=udp_problem,
             )
-            race: Race[SecurePath] = Race(
+            race: Race[Path] = Race(
                 reactor,
                 [self._contender(method, context) for method in self._methods],
                 on_lost=partial(PunchFailed, self._peer),
@@ -269,6 +302,9 @@ class PunchClientEndpoint:
                 raise
         finally:
             session.close()
+            if udp is not None:
+                # Kept while the QUIC path that won (if it did) carries the connection.
+                udp.close_when_idle()
         if protocol is None:
             raise NoProtocol(f"the protocol factory built no protocol for the {name} path")
         _log.info(
@@ -280,7 +316,50 @@ class PunchClientEndpoint:
         )
         return protocol
 
-    def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[SecurePath]:
+    async def _open_udp(
+        self, session: RendezvousSession, deadline: float
+    ) -> tuple[Any, tuple[Any, ...], list[tuple[str, int]], str | None]:
+        """
+        Open this ``connect()``'s punching port and bind it at the
+        rendezvous, so that the introduction carries its observed address.
+
+        :returns: The port, this side's candidates on it, the host
+            candidates to announce, and ``None``; or ``None``, ``()``,
+            ``[]`` and why the UDP methods cannot run.
+        """
+        from twisted.internet.error import CannotListenError
+
+        from nattraverse.errors import RendezvousError, StunError
+        from nattraverse.punch.candidates import gather
+        from nattraverse.punch.port import PunchingPort
+
+        port = PunchingPort(self._reactor, self._identity, config=self._checks)
+        try:
+            address = port.start()
+        except CannotListenError as e:
+            return None, (), [], f"could not bind a punching UDP port: {e}"
+        try:
+            observed = await self._within(
+                session.bind_udp(
+                    port.demux,
+                    timeout=min(
+                        UDP_BINDING_TIMEOUT, max(deadline - self._reactor.seconds(), 0.001)
+                    ),
+                ),
+                deadline,
+                "binding the punching UDP port at the rendezvous",
+            )
+        except (RendezvousError, StunError, TimeoutError) as e:
+            port.close()
+            return None, (), [], f"the rendezvous did not observe the punching UDP port: {e}"
+        except BaseException:
+            port.close()
+            raise
+        hosts = local_ipv4_addresses() if self._private is None else self._private
+        local = gather(address.port, hosts, observed)
+        return port, tuple(local), [(host, address.port) for host in hosts], None
+
+    def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[Path]:
         try:
             reason = method.applies(context)
         except Exception as e:
@@ -312,7 +391,9 @@ class PunchServerEndpoint:
         and each path may take to be secured.
     :param private: This host's private addresses to announce to callers
         (with the direct port); ``None``: this host's non-loopback IPv4
-        addresses (or *interface* alone, when it is a specific one).
+        addresses (or *interface* alone, when it is a specific one); they
+        are announced with the punching UDP port too.
+    :param checks: As for :class:`PunchClientEndpoint`.
     :raises ValueError: naming the argument, when one is not acceptable.
     """
 
@@ -329,6 +410,7 @@ class PunchServerEndpoint:
         access_key: bytes | None = None,
         timeout: float = 30.0,
         private: Sequence[str] | None = None,
+        checks: CheckConfig | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError(
@@ -349,6 +431,7 @@ class PunchServerEndpoint:
         self._access_key = access_key
         self._timeout = _seconds(timeout, "timeout")
         self._private = None if private is None else tuple(private)
+        self._checks = checks
 
     def __repr__(self) -> str:
         return f"<PunchServerEndpoint {self._name!r} via {self._rendezvous!r}>"
@@ -362,6 +445,11 @@ class PunchServerEndpoint:
     def rendezvous(self) -> IStreamClientEndpoint:
         """The rendezvous' client endpoint."""
         return self._rendezvous
+
+    @property
+    def checks(self) -> CheckConfig | None:
+        """The UDP checks' configuration (``None``: the defaults)."""
+        return self._checks
 
     @property
     def identity(self) -> Identity:
@@ -414,5 +502,6 @@ class PunchServerEndpoint:
             access_key=self._access_key,
             timeout=self._timeout,
             private=self._private,
+            checks=self._checks,
         )
         return listener.start()

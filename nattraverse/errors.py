@@ -10,7 +10,9 @@ exactly what they can handle.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from twisted.internet.error import ConnectionLost
 
 
 class NatTraverseError(Exception):
@@ -350,3 +352,48 @@ class MethodNotApplicable(NatTraverseError):
     direct TCP to a peer that announced no listening port, or relay on a
     rendezvous with the relay off), so it was not attempted.
     """
+
+
+class PunchChecksFailed(NatTraverseError):
+    """
+    UDP hole punching's connectivity checks found no path to the peer
+    within their budget.
+
+    :ivar reason: ``"deadline"`` (the overall deadline passed) or
+        ``"budget"`` (every check allowed was sent and timed out).
+    :ivar seen: What the checks observed, in words: pairs tried and how
+        they ended, where the peer's checks came from, the NAT behaviour
+        that suggests, packets dropped.
+    :ivar stats: The counters at the end
+        (:class:`~nattraverse.punch.checks.CheckStats`).
+    """
+
+    def __init__(self, reason: str, seen: str, stats: Any) -> None:
+        what = "overall deadline passed" if reason == "deadline" else "check budget spent"
+        super().__init__(f"UDP hole punching failed: {what}; {seen}")
+        self.reason = reason
+        self.seen = seen
+        self.stats = stats
+
+
+class QuicPathIdle(NatTraverseError, ConnectionLost):
+    """
+    The QUIC path carried nothing for its idle timeout (RFC 9000 section
+    10.1) although keepalive PINGs were sent: the peer, or the path through
+    the NATs, is gone.  Connect again (a new punch, or the relay).
+    """
+
+
+class QuicPathClosed(NatTraverseError, ConnectionLost):
+    """
+    The QUIC connection was closed with an error, by the peer or by this
+    side (RFC 9000 section 10.2), or the stream was reset.
+
+    :ivar error_code: The QUIC or application error code.
+    :ivar reason_phrase: The reason the closing side gave.
+    """
+
+    def __init__(self, message: str, error_code: int = 0, reason_phrase: str = "") -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.reason_phrase = reason_phrase

@@ -25,16 +25,20 @@ This module is imported by plugin scans: it imports nothing heavy.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IProtocol, IProtocolFactory
 
     from nattraverse.identity import Identity
+    from nattraverse.punch.candidates import Candidate
+    from nattraverse.punch.port import PunchingPort
     from nattraverse.rendezvous.client import Introduction, RendezvousSession
     from nattraverse.secure import PathSecrets, SecurePath
 
@@ -42,9 +46,39 @@ __all__ = [
     "CalleeContext",
     "CallerContext",
     "ITraversalMethod",
+    "Path",
     "TraversalMethod",
     "path_secrets",
 ]
+
+
+class Path(Protocol):
+    """
+    What a traversal method's path offers the endpoints, whatever carries
+    it: :class:`~nattraverse.secure.SecurePath` (TLS over TCP) or
+    :class:`~nattraverse.quic.QuicPath` (QUIC over UDP).
+    """
+
+    @property
+    def authenticated(self) -> Deferred[Any]:
+        """Fires with the path once the peer proved its identity on it."""
+
+    @property
+    def secrets(self) -> PathSecrets:
+        """The introduction's session, secret, expected peer and method."""
+
+    def select(
+        self, factory: IProtocolFactory, *, started: float | None = None
+    ) -> IProtocol | None:
+        """Caller: pick this path and connect the application to it."""
+
+    def attach(
+        self, factory: IProtocolFactory, *, started: float | None = None
+    ) -> IProtocol | None:
+        """Callee: connect the application to the path the caller picked."""
+
+    def abort(self) -> None:
+        """Close the path at once."""
 
 
 def path_secrets(introduction: Introduction, method: str) -> PathSecrets:
@@ -80,6 +114,13 @@ class CallerContext:
     :ivar access_key: The rendezvous' access key, if it wants one.
     :ivar timeout: Seconds left for the whole connection: the longest any
         single wait of the method should take.
+    :ivar udp: The punching UDP port of this ``connect()``, bound at the
+        rendezvous before the introduction (its server-reflexive address
+        went to the callee); ``None`` when no enabled method
+        :attr:`~ITraversalMethod.uses_udp`, or when it could not be bound.
+    :ivar udp_local: This side's candidates on :attr:`udp`: its host
+        addresses, then the server-reflexive address the rendezvous observed.
+    :ivar udp_problem: Why :attr:`udp` is ``None`` although a method wanted it.
     """
 
     reactor: Any
@@ -90,6 +131,9 @@ class CallerContext:
     peer: str
     access_key: bytes | None = None
     timeout: float = 30.0
+    udp: PunchingPort | None = None
+    udp_local: Sequence[Candidate] = ()
+    udp_problem: str | None = None
 
     def secrets(self, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the callee."""
@@ -123,6 +167,12 @@ class CalleeContext:
     :ivar rendezvous: The rendezvous' client endpoint.
     :ivar access_key: The rendezvous' access key, if it wants one.
     :ivar timeout: Seconds a path may take to be opened and secured.
+    :ivar udp: The listener's punching UDP port, registered (and kept
+        alive) at the rendezvous; ``None`` when no enabled method
+        :attr:`~ITraversalMethod.uses_udp`.
+    :ivar udp_candidates: This side's candidates on :attr:`udp` now: its
+        host addresses, then the server-reflexive address the rendezvous
+        last observed.
     """
 
     reactor: Any
@@ -131,6 +181,8 @@ class CalleeContext:
     rendezvous: IStreamClientEndpoint
     access_key: bytes | None = None
     timeout: float = 30.0
+    udp: PunchingPort | None = None
+    udp_candidates: Callable[[], Sequence[Candidate]] | None = None
 
     def secrets(self, introduction: Introduction, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the caller of *introduction*."""
@@ -164,10 +216,11 @@ class ITraversalMethod(Interface):
 
     Every Deferred returned is cancellable; cancelling it must close every
     socket, listening port and timer the attempt opened.  A path is a
-    :class:`~nattraverse.secure.SecurePath` whose
-    :attr:`~nattraverse.secure.SecurePath.authenticated` has fired: the
-    caller's path is then :meth:`~nattraverse.secure.SecurePath.select`\\ ed
-    or aborted by the race; the callee's is attached to the application.
+    :class:`Path` (a :class:`~nattraverse.secure.SecurePath` over TCP, a
+    :class:`~nattraverse.quic.QuicPath` over UDP) whose
+    :attr:`~Path.authenticated` has fired: the caller's path is then
+    :meth:`~Path.select`\\ ed or aborted by the race; the callee's is
+    attached to the application.
     """
 
     name = Attribute(
@@ -182,6 +235,10 @@ class ITraversalMethod(Interface):
         "Whether the callee accepts this method's paths on its listening TCP port (which "
         "the server endpoint opens, and announces, only when an enabled method says so)."
     )
+    uses_udp = Attribute(
+        "Whether this method punches through the endpoints' UDP port (which both endpoints "
+        "open, bind at the rendezvous and announce only when an enabled method says so)."
+    )
 
     def applies(context: CallerContext) -> str | None:
         """
@@ -192,7 +249,7 @@ class ITraversalMethod(Interface):
             :class:`~nattraverse.errors.MethodNotApplicable`).
         """
 
-    def attempt(context: CallerContext) -> Deferred[SecurePath]:
+    def attempt(context: CallerContext) -> Deferred[Any]:
         """
         Caller side: try to open an authenticated path to the callee.
 
@@ -200,9 +257,7 @@ class ITraversalMethod(Interface):
             yet selected; it fails with the reason the method failed.
         """
 
-    def introduced(
-        context: CalleeContext, introduction: Introduction
-    ) -> Deferred[SecurePath] | None:
+    def introduced(context: CalleeContext, introduction: Introduction) -> Deferred[Any] | None:
         """
         Callee side: a caller was introduced (``Introduce``).
 
@@ -212,7 +267,7 @@ class ITraversalMethod(Interface):
 
     def dial_back(
         context: CalleeContext, introduction: Introduction, host: str, port: int
-    ) -> Deferred[SecurePath] | None:
+    ) -> Deferred[Any] | None:
         """
         Callee side: the caller of *introduction* asked to be dialled back
         at *host*:*port*, its observed address (``DialBack``).
@@ -222,7 +277,7 @@ class ITraversalMethod(Interface):
 
     def relay_offer(
         context: CalleeContext, introduction: Introduction, token: bytes, lifetime: float
-    ) -> Deferred[SecurePath] | None:
+    ) -> Deferred[Any] | None:
         """
         Callee side: the caller of *introduction* allocated a relay; this
         peer's token is *token* (``RelayOffer``).
@@ -242,6 +297,7 @@ class TraversalMethod:
     name: str = ""
     last_resort: bool = False
     callee_listens: bool = False
+    uses_udp: bool = False
 
     def __repr__(self) -> str:
         return f"<traversal method {self.name!r}>"
@@ -250,24 +306,24 @@ class TraversalMethod:
         """Always applies."""
         return None
 
-    def attempt(self, context: CallerContext) -> Deferred[SecurePath]:
+    def attempt(self, context: CallerContext) -> Deferred[Any]:
         """Subclasses open their path here."""
         raise NotImplementedError(f"{type(self).__name__} has no caller side")
 
     def introduced(
         self, context: CalleeContext, introduction: Introduction
-    ) -> Deferred[SecurePath] | None:
+    ) -> Deferred[Any] | None:
         """Nothing to do."""
         return None
 
     def dial_back(
         self, context: CalleeContext, introduction: Introduction, host: str, port: int
-    ) -> Deferred[SecurePath] | None:
+    ) -> Deferred[Any] | None:
         """Nothing to do."""
         return None
 
     def relay_offer(
         self, context: CalleeContext, introduction: Introduction, token: bytes, lifetime: float
-    ) -> Deferred[SecurePath] | None:
+    ) -> Deferred[Any] | None:
         """Nothing to do."""
         return None

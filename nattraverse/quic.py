@@ -45,7 +45,7 @@ from __future__ import annotations
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from aioquic._buffer import Buffer, BufferReadError
 from aioquic.quic import events
@@ -67,15 +67,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse._quic_stream import (
-    QuicPathClosed,
-    QuicPathIdle,
     QuicStreamTransport,
     _address,
     _PinnedConnection,
     check_pin,
 )
-from nattraverse.errors import PeerAuthenticationFailed
+from nattraverse.errors import PeerAuthenticationFailed, QuicPathClosed, QuicPathIdle
 from nattraverse.identity import Identity, PeerId
+
+if TYPE_CHECKING:
+    from nattraverse.secure import PathSecrets
 
 __all__ = [
     "ALPN",
@@ -127,6 +128,9 @@ class QuicPath:
     :param local: This side's address, for ``getHost``.
     :param method: The traversal method, for the transport (``"udp"``).
     :param session: The introduction's session id, for the transport.
+    :param secrets: The path's :class:`~nattraverse.secure.PathSecrets`,
+        kept as :attr:`secrets` for the endpoints (which read the session
+        and method from it); ``None`` outside a ``punch:`` endpoint.
     :param idle_timeout: Seconds without a packet before the path is
         declared dead (at most :data:`MAX_IDLE_TIMEOUT`).
     :param keepalive: Seconds between PINGs once authenticated; ``None``
@@ -150,6 +154,7 @@ class QuicPath:
         local: Address = ("0.0.0.0", 0),
         method: str = "udp",
         session: bytes = b"",
+        secrets: PathSecrets | None = None,
         idle_timeout: float = 25.0,
         keepalive: float | None = 8.0,
         handshake_timeout: float = 10.0,
@@ -174,6 +179,9 @@ class QuicPath:
         self.local = local
         self.method = method
         self.session = session
+        self._secrets = secrets
+        #: Called with this path once its connection has ended, whatever the reason.
+        self.on_terminated: list[Callable[[QuicPath], object]] = []
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
         self._handshake_timeout = handshake_timeout
@@ -222,6 +230,22 @@ class QuicPath:
         self._transport: QuicStreamTransport | None = None
         self._lost: Failure | None = None
         self._checking = False
+
+    @property
+    def secrets(self) -> PathSecrets:
+        """
+        The path's secrets, as given.
+
+        :raises RuntimeError: when the path was made without them.
+        """
+        if self._secrets is None:
+            raise RuntimeError("this QUIC path was made without secrets=")
+        return self._secrets
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the QUIC connection has ended."""
+        return self._terminated
 
     @property
     def _quic(self) -> _PinnedConnection:
@@ -425,6 +449,11 @@ class QuicPath:
             app.connectionLost(reason)
         elif self._settled:
             self._lost = reason
+        for callback in self.on_terminated:
+            try:
+                callback(self)
+            except Exception:
+                _log.failure("a termination callback of {path!r} failed", path=self)
 
     def _reason(self, event: events.ConnectionTerminated | None) -> Failure:
         if self._local_reason is not None:

@@ -1,38 +1,39 @@
 """
-The Twisted adapter of the check machine: feeds it the punching socket's
-datagrams and the reactor's time, writes what it sends, keeps one timer.
+The Twisted adapter of the check machine: feeds it datagrams and the
+reactor's time, writes what it sends, keeps one timer.
 
-:class:`~nattraverse.stun.demux.StunDemultiplexer` hands every STUN
-*response* to its STUN client, so check responses would never reach the
-checks, through the port's
-:attr:`~nattraverse.stun.demux.StunDemultiplexer.intercept` hook, which
-sees every datagram first.
+Which datagrams reach it is the business of its owner
+(:class:`~nattraverse.punch.socket.PunchingSocket` routes a shared socket's
+checks by USERNAME and transaction id).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from nattraverse._types import Endpoint
-from nattraverse.punch.candidates import Candidate, CandidatePair
-from nattraverse.punch.checks import CheckConfig, CheckMachine, IceCredentials
-from nattraverse.stun.demux import StunDemultiplexer
+from nattraverse.punch.candidates import CandidatePair
+from nattraverse.punch.checks import CheckMachine
 
-__all__ = ["IceAgent", "punch"]
+__all__ = ["IceAgent"]
 
 _log = Logger()
-
-#: Offered each datagram first; returns whether it took it.
 
 
 class IceAgent:
     """
-    Drives one :class:`~nattraverse.punch.checks.CheckMachine`.
+    Drives one :class:`~nattraverse.punch.checks.CheckMachine` until
+    :meth:`stop`.
+
+    Its result fires when the machine has a pair to use: on the controlling
+    side when it selects one (validated in both directions; the nomination
+    goes on), on the controlled side when the peer nominates one.  The agent
+    keeps running after that, answering the peer's checks and finishing the
+    nomination, until its owner stops it.
 
     :param reactor: Time.
     :param send: Writes a datagram through the punching socket.
@@ -49,34 +50,47 @@ class IceAgent:
         self._send = send
         self.machine = machine
         self._timer: IDelayedCall | None = None
-        self._deferred: Deferred[CandidatePair] | None = None
+        self._result: Deferred[CandidatePair] | None = None
+        self._stopped = False
 
     def start(self) -> Deferred[CandidatePair]:
         """
         Start the checks.
 
-        :returns: A Deferred firing with the nominated pair, or failing
-            with :class:`~nattraverse.punch.checks.PunchChecksFailed`;
-            cancelling it stops the checks and their timer.
+        :returns: A Deferred firing with the pair to use, or failing with
+            :class:`~nattraverse.punch.checks.PunchChecksFailed`; cancelling
+            it stops the agent.
         """
-        if self._deferred is not None:
+        if self._result is not None:
             raise RuntimeError("the agent was already started")
-        self._deferred = Deferred(lambda _: self._stop())
+        result: Deferred[CandidatePair] = Deferred(lambda _: self.stop())
+        self._result = result
         self.machine.start(self._reactor.seconds())
-        deferred = self._deferred
         self._flush()
-        return deferred
+        return result
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped
 
     def datagram_received(self, data: bytes, source: Endpoint) -> bool:
         """Offer a datagram; see :meth:`CheckMachine.datagram_received`."""
-        if self._deferred is None:
+        if self._result is None or self._stopped:
             return False
         taken = self.machine.datagram_received(data, source, self._reactor.seconds())
         self._flush()
         return taken
 
+    def stop(self) -> None:
+        """Stop checking and answering; cancel the timer.  Idempotent."""
+        self._stopped = True
+        self._cancel_timer()
+
     def _fire(self) -> None:
         self._timer = None
+        if self._stopped:
+            return
         self.machine.handle_timer(self._reactor.seconds())
         self._flush()
 
@@ -86,73 +100,23 @@ class IceAgent:
                 self._send(data, address)
             except Exception:
                 _log.failure("could not send a check to {address}", address=str(address))
-        deferred = self._deferred
-        if deferred is None:
-            return
-        if self.machine.done:
-            self._stop()
-            if self.machine.nominated is not None:
-                deferred.callback(self.machine.nominated)
-            elif self.machine.failure is not None:
-                deferred.errback(self.machine.failure)
-            return
-        when = self.machine.next_deadline()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if when is not None:
+        result = self._result
+        machine = self.machine
+        if result is not None and not result.called:
+            chosen = machine.selected if machine.controlling else machine.nominated
+            if chosen is not None:
+                result.callback(chosen)
+            elif machine.failure is not None:
+                result.errback(machine.failure)
+        self._cancel_timer()
+        when = machine.next_deadline()
+        if when is not None and not self._stopped:
             self._timer = self._reactor.callLater(
                 max(0.0, when - self._reactor.seconds()), self._fire
             )
 
-    def _stop(self) -> None:
-        self._deferred = None
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
+            if self._timer.active():
+                self._timer.cancel()
             self._timer = None
-
-
-def punch(
-    reactor: IReactorTime,
-    demux: StunDemultiplexer,
-    *,
-    controlling: bool,
-    secret: bytes,
-    local: Sequence[Candidate],
-    remote: Sequence[Candidate],
-    config: CheckConfig | None = None,
-    random_bytes: Callable[[int], bytes] | None = None,
-) -> Deferred[CandidatePair]:
-    """
-    Run connectivity checks on *demux*'s port and return the nominated pair.
-
-    The checks own the port's
-    :attr:`~nattraverse.stun.demux.StunDemultiplexer.intercept` until the result:
-    on success, failure or cancellation it is cleared and the timer
-    cancelled.
-
-    :raises RuntimeError: when another punch holds *demux*.
-    """
-    if demux.intercept is not None:
-        raise RuntimeError("this port is already punching")
-    kwargs: dict[str, Any] = {} if random_bytes is None else {"random_bytes": random_bytes}
-    machine = CheckMachine(
-        controlling=controlling,
-        credentials=IceCredentials.from_secret(secret, controlling=controlling),
-        local=local,
-        remote=remote,
-        config=config,
-        **kwargs,
-    )
-    agent = IceAgent(reactor, demux.send, machine)
-    hook = agent.datagram_received
-    demux.intercept = hook
-
-    def release(result: object) -> object:
-        if demux.intercept == hook:
-            demux.intercept = None
-        return result
-
-    deferred = agent.start()
-    deferred.addBoth(release)
-    return deferred

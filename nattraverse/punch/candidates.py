@@ -40,6 +40,7 @@ __all__ = [
     "candidate_priority",
     "classify",
     "form_pairs",
+    "gather",
     "pair_priority",
 ]
 
@@ -227,3 +228,19 @@ def form_pairs(
         if kept is None or pair.sort_key() < kept.sort_key():
             best[candidate.address] = pair
     return sorted(best.values(), key=CandidatePair.sort_key)
+
+
+def gather(port: int, hosts: Sequence[str], observed: tuple[str, int] | None) -> list[Candidate]:
+    """
+    One side's candidates on its punching port: a host candidate per
+    address in *hosts* (the port's local addresses), then the
+    server-reflexive address *observed* by the rendezvous, when known.
+    Without a usable host address (a peer on loopback only), the observed
+    address is the base too.
+    """
+    found = [Candidate.host((host, port)) for host in hosts]
+    if observed is not None:
+        if not found:
+            found.append(Candidate.host(observed))
+        found.append(Candidate.server_reflexive(observed))
+    return found

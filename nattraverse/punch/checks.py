@@ -35,9 +35,15 @@ with nothing in flight, or at the overall deadline.
 Nomination (RFC 8445 section 8.1.1, regular nomination): the controlling
 side (the caller) picks the first pair validated in both directions (its
 own check answered, and an authenticated check from the peer received on
-it) and checks it again with USE-CANDIDATE; the answer ends the machine.
-The controlled side ends when a USE-CANDIDATE check arrives on a pair
-whose own check was answered (or as soon as it is).
+it), sets :attr:`CheckMachine.selected` at once (the secure path may
+start on it without waiting for the nomination's round trip), and checks
+it again with USE-CANDIDATE; the answer ends the machine.  The controlled
+side ends when a USE-CANDIDATE check arrives on a pair whose own check was
+answered (or as soon as it is).
+
+An ended machine still answers the peer's authenticated checks (its last
+answer may have been lost, and the peer's NAT binding wants refreshing);
+it changes no state and sends no checks of its own.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nattraverse._types import Endpoint
-from nattraverse.errors import NatTraverseError, StunDecodeError, StunIntegrityError
+from nattraverse.errors import PunchChecksFailed, StunDecodeError, StunIntegrityError
 from nattraverse.punch.candidates import (
     Candidate,
     CandidateKind,
@@ -81,26 +87,6 @@ __all__ = [
     "PairState",
     "PunchChecksFailed",
 ]
-
-
-class PunchChecksFailed(NatTraverseError):
-    """
-    Connectivity checks found no path to the peer within their budget.
-
-    :ivar reason: ``"deadline"`` (the overall deadline passed) or
-        ``"budget"`` (every check allowed was sent and timed out).
-    :ivar seen: What the checks observed, in words: pairs tried and how
-        they ended, where the peer's checks came from, the NAT behaviour
-        that suggests, packets dropped.
-    :ivar stats: The counters at the end.
-    """
-
-    def __init__(self, reason: str, seen: str, stats: CheckStats) -> None:
-        what = "overall deadline passed" if reason == "deadline" else "check budget spent"
-        super().__init__(f"UDP hole punching failed: {what}; {seen}")
-        self.reason = reason
-        self.seen = seen
-        self.stats = stats
 
 
 def _derive(secret: bytes, label: bytes) -> bytes:
@@ -265,6 +251,7 @@ class CheckMachine:
         self.remote = list(remote)
         self.stats = CheckStats()
         self.nominated: CandidatePair | None = None
+        self.selected: CandidatePair | None = None
         self.failure: PunchChecksFailed | None = None
         self._random = random_bytes
         self._tie_breaker = int.from_bytes(random_bytes(8), "big")
@@ -295,6 +282,15 @@ class CheckMachine:
     def pair_state(self, remote: tuple[str, int]) -> PairState:
         """The state of the pair to *remote*."""
         return self._pairs[Endpoint(remote[0], remote[1])].state
+
+    def expects(self, transaction_id: bytes) -> bool:
+        """Whether a response with *transaction_id* would answer one of our checks."""
+        return transaction_id in self._transactions
+
+    def heard_from(self, source: tuple[str, int]) -> bool:
+        """Whether an authenticated check from the peer arrived from *source*."""
+        pair = self._pairs.get(Endpoint(source[0], source[1]))
+        return pair is not None and pair.received
 
     def start(self, now: float) -> None:
         """Start checking at *now*: the first check goes out at once."""
@@ -340,8 +336,6 @@ class CheckMachine:
         """
         if not is_stun(data):
             return False
-        if self.done:
-            return True
         endpoint = Endpoint(source[0], source[1])
         try:
             message = decode(data)
@@ -353,6 +347,8 @@ class CheckMachine:
         elif message.message_class is MessageClass.REQUEST:
             self._request(message, endpoint, now)
         elif message.message_class in (MessageClass.SUCCESS, MessageClass.ERROR):
+            if self.done:
+                return True  # late answers change nothing
             self._response(message, endpoint, now)
         else:
             self.stats.unexpected += 1
@@ -493,6 +489,8 @@ class CheckMachine:
             priority = message.get(Priority)
             pair = self._learn(source, priority.priority if priority else 0)
         pair.received = True
+        if self.done:
+            return  # answered (the peer may have lost our last answer); nothing changes
         if not self.controlling and message.get(UseCandidate) is not None:
             if pair.state is PairState.SUCCEEDED:
                 self.nominated = pair.pair
@@ -570,6 +568,8 @@ class CheckMachine:
         for pair in self._order:
             if pair.state is PairState.SUCCEEDED and pair.received and self._can_send(pair):
                 self._nominating = pair
+                if self.selected is None:
+                    self.selected = pair.pair
                 self._triggered.appendleft(_Queued(pair, use_candidate=True))
                 return
 

@@ -172,9 +172,9 @@ def _outcome(d: Deferred[Any]) -> Any:
 
 
 def test_builtin_methods_are_plugins_in_order() -> None:
-    """getPlugins finds direct, reversal and relay, listed in that order."""
+    """getPlugins finds direct, reversal, udp and relay, listed in that order."""
     found = available_methods()
-    assert list(found)[:3] == ["direct", "reversal", "relay"]
+    assert list(found)[:4] == ["direct", "reversal", "udp", "relay"]
     assert isinstance(found["direct"], DirectMethod)
     assert isinstance(found["reversal"], ReversalMethod)
     assert isinstance(found["relay"], RelayMethod)

@@ -103,7 +103,7 @@ def test_client_minimal() -> None:
     endpoint = _client(reactor, f"peer=alice:{RENDEZVOUS}")
     verifyObject(IStreamClientEndpoint, endpoint)
     assert endpoint.peer == "alice"
-    assert endpoint.methods == ("direct", "reversal", "relay")
+    assert endpoint.methods == ("direct", "reversal", "udp", "relay")
     assert endpoint.timeout == 30.0
 
 
@@ -139,6 +139,16 @@ def test_client_methods_and_timeout() -> None:
     )
     assert endpoint.methods == ("relay", "direct")
     assert endpoint.timeout == 2.5
+
+
+def test_check_pacing_and_punch_timeout() -> None:
+    """checkInterval and punchTimeout set the UDP checks' pacing and deadline, on both sides."""
+    client = _client(
+        MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:checkInterval=0.02:punchTimeout=4"
+    )
+    assert client.checks is not None
+    assert (client.checks.ta, client.checks.deadline) == (0.02, 4.0)
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}").checks is None
 
 
 def test_client_identity_file_is_loaded_or_created(key_file: Path) -> None:
@@ -214,6 +224,8 @@ def test_client_missing_or_unknown_keys_raise_type_error(rest: str, key: str) ->
         (f"peer=alice:{RENDEZVOUS}:timeout=-3", "timeout='-3'"),
         (f"peer=alice:{RENDEZVOUS}:timeout=inf", "timeout='inf'"),
         (f"peer=alice:{RENDEZVOUS}:timeout=nan", "timeout='nan'"),
+        (f"peer=alice:{RENDEZVOUS}:checkInterval=0", "checkInterval='0'"),
+        (f"peer=alice:{RENDEZVOUS}:punchTimeout=never", "punchTimeout='never'"),
         (f"peer=alice:{RENDEZVOUS}:methods=direct,pigeon", "'pigeon'"),
         (f"peer=alice:{RENDEZVOUS}:methods=direct,,relay", "methods="),
         (f"peer=alice:{RENDEZVOUS}:methods=relay,relay", "twice"),
@@ -296,7 +308,7 @@ def test_server_defaults_and_reactor(key_file: Path) -> None:
     reactor = MemoryReactorClock()
     endpoint = _server(reactor, f"name=alice:{RENDEZVOUS}:identity={key_file}")
     assert (endpoint.port, endpoint.interface) == (0, "0.0.0.0")
-    assert endpoint.methods == ("direct", "reversal", "relay")
+    assert endpoint.methods == ("direct", "reversal", "udp", "relay")
     assert endpoint._reactor is reactor
     assert endpoint.rendezvous._reactor is reactor  # type: ignore[attr-defined]
 

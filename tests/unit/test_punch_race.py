@@ -325,7 +325,9 @@ class FakeSession:
     closed: bool = False
     where: str = "127.0.0.1:8478"
 
-    def connect(self, peer: str, listen_port: int, private: Any, methods: Any) -> Deferred[Any]:
+    def connect(
+        self, peer: str, listen_port: int, private: Any, methods: Any, *, udp_private: Any = ()
+    ) -> Deferred[Any]:
         self.connects.append((peer, listen_port, tuple(private), tuple(methods)))
         if self.error is not None:
             return fail(self.error)

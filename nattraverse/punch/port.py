@@ -1,0 +1,489 @@
+"""
+The punching port: the one UDP socket a peer punches with, shared by
+everything that travels on it.
+
+- STUN Binding requests and responses to and from the rendezvous' STUN
+  service (the authenticated binding and its keepalives) go to the
+  :class:`~nattraverse.stun.demux.StunDemultiplexer`'s STUN client;
+- connectivity checks go to the check machine of their session: requests
+  by the USERNAME's ufrag (derived from the session secret, so unique per
+  introduction), responses by transaction id;
+- QUIC packets go to the :class:`~nattraverse.quic.QuicPath` of their
+  source address.  A QUIC packet from an address no path owns starts the
+  callee's path only when an *authenticated* check came from that address
+  in one of the callee's sessions; anything else is counted and dropped.
+  A path is never moved to another address.
+
+The caller side of a session (:meth:`PunchingPort.call`) runs the checks
+and starts its QUIC client on the first pair validated in both directions,
+while the nomination goes on; the callee side (:meth:`PunchingPort.answer`)
+runs its checks and accepts the caller's QUIC connection.  Both fire with
+a :class:`~nattraverse.quic.QuicPath` whose peer proved its identity.
+
+A listening peer keeps one port for all its introductions; a caller opens
+one per ``connect()``.  Closing the port while QUIC paths carry connections
+would kill them: :meth:`PunchingPort.close_when_idle` waits for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nattraverse._types import Endpoint
+from nattraverse.identity import Identity
+from nattraverse.punch.agent import IceAgent
+from nattraverse.punch.candidates import Candidate, CandidatePair
+from nattraverse.punch.checks import CheckConfig, CheckMachine, IceCredentials
+from nattraverse.quic import QuicPath, is_quic
+from nattraverse.secure import PathSecrets
+from nattraverse.stun.attributes import Username
+from nattraverse.stun.demux import StunDemultiplexer
+from nattraverse.stun.message import decode, is_stun
+
+__all__ = ["PortStats", "PunchingPort"]
+
+_log = Logger()
+
+#: The STUN class bits (RFC 8489 section 5): both zero in a request.
+_CLASS_BITS = 0x0110
+#: Seconds a QUIC handshake may take at most, once the checks chose a pair.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class PortStats:
+    """
+    What the port dropped and did.
+
+    :ivar quic_unknown: QUIC datagrams from an address no path owns and no
+        session authenticated: dropped.
+    :ivar checks_unknown: STUN requests whose USERNAME names no session:
+        dropped.
+    :ivar paths: QUIC paths started.
+    """
+
+    quic_unknown: int = 0
+    checks_unknown: int = 0
+    paths: int = 0
+
+
+class _Session:
+    """One introduction's checks and QUIC path on the port."""
+
+    def __init__(
+        self,
+        port: PunchingPort,
+        secrets: PathSecrets,
+        *,
+        controlling: bool,
+        local: Sequence[Candidate],
+        remote: Sequence[Candidate],
+        timeout: float,
+    ) -> None:
+        self.port = port
+        self.secrets = secrets
+        self.controlling = controlling
+        self.credentials = IceCredentials.from_secret(secrets.secret, controlling=controlling)
+        machine = CheckMachine(
+            controlling=controlling,
+            credentials=self.credentials,
+            local=local,
+            remote=remote,
+            config=port.config,
+            random_bytes=port.random_bytes,
+        )
+        self.agent = IceAgent(port.reactor, port.demux.send, machine)
+        self.result: Deferred[QuicPath] = Deferred(self._cancelled)
+        self.path: QuicPath | None = None
+        self.checks_failure: Failure | None = None
+        self.finished = False
+        self.timeout = timeout
+        self._timer: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        role = "caller" if self.controlling else "callee"
+        return f"<punch session {self.secrets.session.hex()} ({role})>"
+
+    def start(self) -> Deferred[QuicPath]:
+        self._timer = self.port.reactor.callLater(self.timeout, self._timed_out)
+        chosen = self.agent.start()
+        if self.controlling:
+            chosen.addCallbacks(self._selected, self._checks_failed)
+        else:
+            chosen.addCallbacks(lambda pair: None, self._checks_failed)
+        return self.result
+
+    # -- the checks -------------------------------------------------------------
+
+    def _selected(self, pair: CandidatePair) -> None:
+        """Caller: the checks chose *pair*: start QUIC on it."""
+        if self.finished:
+            return
+        _log.info(
+            "UDP punch {session}: pair {pair} validated both ways; securing it",
+            session=self.secrets.session.hex(),
+            pair=str(pair),
+        )
+        self.start_path(pair.remote.address)
+
+    def _checks_failed(self, failure: Failure) -> None:
+        if self.finished or failure.check(CancelledError):
+            return
+        self.checks_failure = failure
+        if self.path is None:
+            self.finish(failure)
+
+    def heard_from(self, source: Endpoint) -> bool:
+        """Callee: whether *source* may start this session's QUIC path."""
+        return (
+            not self.finished
+            and not self.controlling
+            and self.path is None
+            and self.agent.machine.heard_from(source)
+        )
+
+    # -- the path ---------------------------------------------------------------
+
+    def start_path(self, remote: Endpoint) -> QuicPath:
+        path = self.port.open_path(self, remote)
+        self.path = path
+        path.authenticated.addBoth(self._path_done, path)
+        path.start()
+        return path
+
+    def _path_done(self, result: QuicPath | Failure, path: QuicPath) -> None:
+        if self.finished:
+            return  # already reported, or cancelled
+        if not isinstance(result, Failure):
+            self.finish(result)
+            return
+        if self.path is path:
+            self.path = None
+        if self.controlling or self.checks_failure is not None or self.agent.stopped:
+            self.finish(result)
+        else:
+            _log.info(
+                "UDP punch {session}: QUIC from {remote} failed ({error}); waiting for another",
+                session=self.secrets.session.hex(),
+                remote=str(path.remote),
+                error=result.getErrorMessage(),
+            )
+
+    # -- ending -----------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        seen = self.agent.machine.describe()
+        self.finish(
+            Failure(TimeoutError(f"UDP hole punching timed out after {self.timeout:g} s; {seen}"))
+        )
+
+    def _cleanup(self, keep_path: bool) -> None:
+        self.finished = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.agent.stop()
+        self.port.forget(self)
+        if not keep_path and self.path is not None:
+            path, self.path = self.path, None
+            path.authenticated.addErrback(lambda _: None)
+            path.abort()
+
+    def finish(self, result: QuicPath | Failure) -> None:
+        if self.finished:
+            return
+        self._cleanup(keep_path=not isinstance(result, Failure))
+        if isinstance(result, Failure):
+            self.result.errback(result)
+        else:
+            self.result.callback(result)
+
+    def _cancelled(self, result: Deferred[QuicPath]) -> None:
+        if not self.finished:
+            self._cleanup(keep_path=False)
+
+
+class PunchingPort:
+    """
+    A UDP port for hole punching and the QUIC paths it carries.
+
+    :param reactor: Provides ``IReactorUDP`` and ``IReactorTime``.
+    :param identity: This peer's key; its QUIC paths present it.
+    :param port: The UDP port to bind (0: any).
+    :param interface: The address to bind.
+    :param config: Check pacing and budget.
+    :param random_bytes: Randomness of the checks and the STUN client.
+    :param quic: Extra keyword arguments for every
+        :class:`~nattraverse.quic.QuicPath` (``idle_timeout``,
+        ``keepalive``, ...).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        identity: Identity,
+        *,
+        port: int = 0,
+        interface: str = "0.0.0.0",
+        config: CheckConfig | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        quic: dict[str, Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.identity = identity
+        self.config = CheckConfig() if config is None else config
+        self.random_bytes = random_bytes
+        self.stats = PortStats()
+        self.demux = StunDemultiplexer(reactor, random_bytes=random_bytes)
+        self.demux.intercept = self._route
+        self._port_number = port
+        self._interface = interface
+        self._quic_options = dict(quic or {})
+        self._listening: Any = None
+        self._sessions: dict[bytes, _Session] = {}
+        self._by_ufrag: dict[str, _Session] = {}
+        self._paths: dict[Endpoint, QuicPath] = {}
+        self._closing: Deferred[None] | None = None
+        self._close_when_idle = False
+
+    def __repr__(self) -> str:
+        where = self.address if self._listening is not None else "not listening"
+        return f"<PunchingPort {where}>"
+
+    # -- the socket -------------------------------------------------------------
+
+    def start(self) -> Endpoint:
+        """
+        Bind the UDP socket.
+
+        :returns: Its address.
+        :raises twisted.internet.error.CannotListenError: when the port
+            cannot be bound.
+        """
+        if self._listening is not None or self._closing is not None:
+            raise RuntimeError("the punching port was already started")
+        self._listening = self.reactor.listenUDP(
+            self._port_number, self.demux, interface=self._interface, maxPacketSize=65535
+        )
+        return self.address
+
+    @property
+    def address(self) -> Endpoint:
+        """The address the socket is bound to."""
+        if self._listening is None:
+            raise RuntimeError("the punching port is not started")
+        host = self._listening.getHost()
+        return Endpoint(host.host, host.port)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (or will, when idle)."""
+        return self._closing is not None or self._close_when_idle
+
+    @property
+    def sessions(self) -> int:
+        """Sessions checking or securing a path now."""
+        return len(self._sessions)
+
+    @property
+    def paths(self) -> int:
+        """QUIC paths alive on the port."""
+        return len(self._paths)
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop every session, abort every QUIC path, close the socket.
+        Idempotent.
+        """
+        if self._closing is not None:
+            return self._closing
+        for session in list(self._sessions.values()):
+            session.finish(Failure(ConnectionAborted("the punching port was closed")))
+        for path in list(self._paths.values()):
+            path.authenticated.addErrback(lambda _: None)
+            path.abort()
+        self._paths.clear()
+        listening, self._listening = self._listening, None
+        self.demux.intercept = None
+        closing: Deferred[None] = (
+            succeed(None)
+            if listening is None
+            else maybeDeferred(listening.stopListening).addCallback(lambda _: None)
+        )
+        self._closing = closing
+        return closing
+
+    def close_when_idle(self) -> None:
+        """
+        Stop the sessions still checking, and close the socket once the
+        last QUIC path on it has ended (at once when there is none).
+        """
+        self._close_when_idle = True
+        for session in list(self._sessions.values()):
+            if session.path is None or not session.path.terminated:
+                session.finish(Failure(ConnectionAborted("the punching port is closing")))
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._close_when_idle and not self._paths and not self._sessions:
+            self.close()
+
+    # -- sessions ---------------------------------------------------------------
+
+    def call(
+        self,
+        secrets: PathSecrets,
+        *,
+        local: Sequence[Candidate],
+        remote: Sequence[Candidate],
+        timeout: float,
+    ) -> Deferred[QuicPath]:
+        """
+        The caller's side of a punch: checks (controlling), then QUIC (as
+        the client) on the first pair validated in both directions.
+
+        :returns: A cancellable Deferred of the authenticated path, not yet
+            selected; it fails with
+            :class:`~nattraverse.errors.PunchChecksFailed`, the QUIC path's
+            failure, or ``TimeoutError`` after *timeout* seconds.
+        """
+        return self._start(secrets, True, local, remote, timeout)
+
+    def answer(
+        self,
+        secrets: PathSecrets,
+        *,
+        local: Sequence[Candidate],
+        remote: Sequence[Candidate],
+        timeout: float,
+    ) -> Deferred[QuicPath]:
+        """
+        The callee's side: checks (controlled), and the caller's QUIC
+        connection from an address that passed a check.
+
+        :returns: As :meth:`call`, the path firing once the caller selected it.
+        """
+        return self._start(secrets, False, local, remote, timeout)
+
+    def _start(
+        self,
+        secrets: PathSecrets,
+        controlling: bool,
+        local: Sequence[Candidate],
+        remote: Sequence[Candidate],
+        timeout: float,
+    ) -> Deferred[QuicPath]:
+        if self._listening is None or self.closed:
+            raise RuntimeError("the punching port is not listening")
+        if secrets.session in self._sessions:
+            raise RuntimeError(f"session {secrets.session.hex()} is already punching on this port")
+        session = _Session(
+            self,
+            secrets,
+            controlling=controlling,
+            local=local,
+            remote=remote,
+            timeout=timeout,
+        )
+        self._sessions[secrets.session] = session
+        self._by_ufrag[session.credentials.local_ufrag] = session
+        return session.start()
+
+    def forget(self, session: _Session) -> None:
+        """A session ended: route nothing more to it."""
+        if self._sessions.get(session.secrets.session) is session:
+            del self._sessions[session.secrets.session]
+        if self._by_ufrag.get(session.credentials.local_ufrag) is session:
+            del self._by_ufrag[session.credentials.local_ufrag]
+        self._maybe_close()
+
+    def open_path(self, session: _Session, remote: Endpoint) -> QuicPath:
+        """A QUIC path of *session* to *remote*, routed from now on."""
+        old = self._paths.get(remote)
+        if old is not None and not old.terminated:
+            raise RuntimeError(f"a QUIC path to {remote} is already open on this port")
+        options: dict[str, Any] = {
+            "handshake_timeout": min(HANDSHAKE_TIMEOUT, session.timeout),
+            **self._quic_options,
+        }
+        path = QuicPath(
+            self.reactor,
+            self.identity,
+            "caller" if session.controlling else "callee",
+            session.secrets.expected,
+            self._send,
+            (remote.host, remote.port),
+            local=(self.address.host, self.address.port),
+            method=session.secrets.method,
+            session=session.secrets.session,
+            secrets=session.secrets,
+            **options,
+        )
+        path.on_terminated.append(self._path_ended)
+        self._paths[remote] = path
+        self.stats.paths += 1
+        return path
+
+    def _send(self, data: bytes, address: tuple[str, int]) -> None:
+        """Write a QUIC datagram; a socket already closed drops it."""
+        if self._listening is None:
+            return
+        self.demux.send(data, Endpoint(address[0], address[1]))
+
+    def _path_ended(self, path: QuicPath) -> None:
+        remote = Endpoint(path.remote[0], path.remote[1])
+        if self._paths.get(remote) is path:
+            del self._paths[remote]
+        self._maybe_close()
+
+    # -- routing ----------------------------------------------------------------
+
+    def _route(self, data: bytes, source: Endpoint) -> bool:
+        """The demultiplexer's interceptor: see the module docstring."""
+        if is_quic(data):
+            self._route_quic(data, source)
+            return True
+        if not is_stun(data):
+            return False
+        if int.from_bytes(data[0:2], "big") & _CLASS_BITS == 0:
+            session = self._session_of_request(data)
+            if session is None:
+                self.stats.checks_unknown += 1
+                return True
+            return session.agent.datagram_received(data, source)
+        transaction = data[8:20]
+        for session in self._sessions.values():
+            if session.agent.machine.expects(transaction):
+                return session.agent.datagram_received(data, source)
+        return False  # the STUN client's (the rendezvous binding), or nobody's
+
+    def _session_of_request(self, data: bytes) -> _Session | None:
+        try:
+            username = decode(data).get(Username)
+        except Exception:
+            return None
+        if username is None:
+            return None
+        return self._by_ufrag.get(username.value.partition(":")[0])
+
+    def _route_quic(self, data: bytes, source: Endpoint) -> None:
+        path = self._paths.get(source)
+        if path is None:
+            session = next(
+                (s for s in reversed(self._sessions.values()) if s.heard_from(source)), None
+            )
+            if session is None:
+                self.stats.quic_unknown += 1
+                return
+            path = session.start_path(source)
+        path.datagram_received(data, (source.host, source.port))
