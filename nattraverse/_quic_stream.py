@@ -11,7 +11,7 @@ one place, and fails closed (no peer certificate: no authentication).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicPacketBuilder
@@ -253,7 +253,7 @@ class QuicStreamTransport:
         self.producer_paused = False
         self._path._check_producer()
         if not streaming and not self.producer_paused:
-            IPullProducer(producer).resumeProducing()
+            cast(IPullProducer, producer).resumeProducing()
 
     def unregisterProducer(self) -> None:
         """Forget the producer."""

@@ -55,8 +55,6 @@ _log = Logger()
 
 #: The STUN class bits (RFC 8489 section 5): both zero in a request.
 _CLASS_BITS = 0x0110
-#: Seconds a QUIC handshake may take at most, once the checks chose a pair.
-HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(slots=True)
@@ -412,10 +410,9 @@ class PunchingPort:
         old = self._paths.get(remote)
         if old is not None and not old.terminated:
             raise RuntimeError(f"a QUIC path to {remote} is already open on this port")
-        options: dict[str, Any] = {
-            "handshake_timeout": min(HANDSHAKE_TIMEOUT, session.timeout),
-            **self._quic_options,
-        }
+        # The handshake may take what is left of the session: on a lossy
+        # path its flights need many retransmissions.
+        options: dict[str, Any] = {"handshake_timeout": session.timeout, **self._quic_options}
         path = QuicPath(
             self.reactor,
             self.identity,

@@ -250,6 +250,12 @@ def pinned(info: PeerInfo, asked: str) -> PeerInfo:
     return info
 
 
+#: Seconds between the parallel transactions of one UDP binding.
+BIND_SPACING = 0.25
+#: Most transactions of one UDP binding outstanding at once.
+BIND_PARALLEL = 8
+
+
 def bind_socket(
     reactor: IReactorTime,
     demux: StunDemultiplexer,
@@ -266,42 +272,93 @@ def bind_socket(
         with :class:`RendezvousUnavailable` saying what to check.
     """
     username, key = udp_credentials(token)
-    d = demux.client.binding(server, [Username(username)], integrity_key=key, fingerprint=True)
+    result: Deferred[Endpoint] = Deferred(lambda _: stop())
+    attempts: list[Deferred[StunResponse]] = []
+    timers: list[IDelayedCall] = []
 
-    def expired(result: object, timeout: float) -> Failure:
-        return Failure(_unanswered(server, seconds))
+    def stop() -> None:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+        pending = list(attempts)
+        attempts.clear()
+        for attempt in pending:
+            attempt.cancel()
 
-    def bound(response: StunResponse) -> Endpoint:
+    def settle(outcome: Endpoint | Failure) -> None:
+        if result.called:
+            return
+        stop()
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    def answered(response: StunResponse) -> None:
         address = response.mapped_address
         if address is None:
-            raise RendezvousUnavailable(
-                f"the STUN service at {server} answered the UDP binding without "
-                "XOR-MAPPED-ADDRESS; is it the rendezvous' own STUN service?"
-            )
-        return address
-
-    def failed(failure: Failure) -> Failure:
-        error = failure.value
-        if isinstance(error, RendezvousUnavailable | CancelledError):
-            return failure
-        if isinstance(error, StunTimeout):
-            return Failure(_unanswered(server, seconds))
-        if isinstance(error, StunError):
-            return Failure(
-                RendezvousUnavailable(
-                    f"the STUN service at {server} refused to bind this peer's UDP socket: "
-                    f"{error}; check that the rendezvous session is still open ({RETRY_HINT})"
+            settle(
+                Failure(
+                    RendezvousUnavailable(
+                        f"the STUN service at {server} answered the UDP binding without "
+                        "XOR-MAPPED-ADDRESS; is it the rendezvous' own STUN service?"
+                    )
                 )
             )
-        return Failure(
-            RendezvousUnavailable(
-                f"cannot send the UDP binding request to {server}: {error}; check that the "
-                "UDP socket is listening"
-            )
-        )
+        else:
+            settle(address)
 
-    d.addTimeout(seconds, reactor, onTimeoutCancel=expired)
-    return d.addCallbacks(bound, failed)
+    def failed(failure: Failure, attempt: Deferred[StunResponse]) -> None:
+        if attempt in attempts:
+            attempts.remove(attempt)
+        error = failure.value
+        if result.called or isinstance(error, CancelledError):
+            return
+        if isinstance(error, StunTimeout):
+            return  # the others, or the deadline, decide
+        if isinstance(error, RendezvousUnavailable):
+            settle(failure)
+        elif isinstance(error, StunError):
+            settle(
+                Failure(
+                    RendezvousUnavailable(
+                        f"the STUN service at {server} refused to bind this peer's UDP socket: "
+                        f"{error}; check that the rendezvous session is still open "
+                        f"({RETRY_HINT})"
+                    )
+                )
+            )
+        else:
+            settle(
+                Failure(
+                    RendezvousUnavailable(
+                        f"cannot send the UDP binding request to {server}: {error}; check "
+                        "that the UDP socket is listening"
+                    )
+                )
+            )
+
+    def send() -> None:
+        # One more transaction every BIND_SPACING seconds until an answer:
+        # on a lossy path each has its own retransmissions, so one lost
+        # datagram does not cost a whole retransmission timeout.
+        if result.called:
+            return
+        if len(attempts) < BIND_PARALLEL:
+            attempt = demux.client.binding(
+                server, [Username(username)], integrity_key=key, fingerprint=True
+            )
+            attempts.append(attempt)
+            attempt.addCallbacks(answered, failed, errbackArgs=(attempt,))
+        if not result.called:
+            timers.append(reactor.callLater(BIND_SPACING, send))
+
+    def expired() -> None:
+        settle(Failure(_unanswered(server, seconds)))
+
+    timers.append(reactor.callLater(seconds, expired))
+    send()
+    return result
 
 
 def _unanswered(server: Endpoint, seconds: float) -> RendezvousUnavailable:

@@ -84,6 +84,9 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (
 #: Never refresh more often than this, in seconds, whatever the TTL.
 MIN_REFRESH_INTERVAL = 1.0
 
+#: Seconds before a failed UDP binding is tried again (the keepalive
+#: interval applies once it succeeds): until then callers cannot punch.
+UDP_RETRY = 1.0
 #: Longest UDP keepalive interval accepted, in seconds: NATs may forget an
 #: idle UDP mapping after 30 s (RFC 4787 REQ-5 asks for 2 minutes, many
 #: keep less).
@@ -313,11 +316,11 @@ class Registration(Service):
         except RendezvousUnavailable as e:
             _log.warn(
                 "binding the UDP socket of {name} to the rendezvous at {where} failed: "
-                "{error}; registering without it, retrying every {keepalive} s",
+                "{error}; registering without it, retrying in {retry} s",
                 name=self.peer_name,
                 where=self.where,
                 error=e,
-                keepalive=self.udp_keepalive,
+                retry=UDP_RETRY,
             )
 
     def _registered_on(
@@ -345,7 +348,8 @@ class Registration(Service):
             ttl=ttl,
         )
         self._schedule_refresh(session, ttl)
-        self._schedule_keepalive(session, self.udp_keepalive)
+        bound = session.udp_observed is not None
+        self._schedule_keepalive(session, self.udp_keepalive if bound else UDP_RETRY)
         if not self._registered:
             self._registered = True
             self._wake(None)
@@ -461,12 +465,14 @@ class Registration(Service):
                     return
                 _log.warn(
                     "the UDP keepalive of {name} to the rendezvous at {where} failed: {error}; "
-                    "retrying in {keepalive} s",
+                    "retrying in {retry} s",
                     name=self.peer_name,
                     where=self.where,
                     error=outcome.value,
-                    keepalive=self.udp_keepalive,
+                    retry=UDP_RETRY,
                 )
+                self._schedule_keepalive(session, UDP_RETRY)
+                return
             elapsed = self._reactor.seconds() - started
             self._schedule_keepalive(session, max(self.udp_keepalive - elapsed, 0.0))
 

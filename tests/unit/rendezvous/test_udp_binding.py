@@ -530,13 +530,32 @@ def test_bind_udp_times_out(session: RendezvousSession, loop: StunLoop, clock: C
     """Without an answer bind_udp fails after its timeout, naming the port; nothing is left."""
     d = session.bind_udp(loop.demux, timeout=2.0)
     loop.answering = False
-    clock.advance(1.0)
-    assert loop.deliver() == 2
+    for _ in range(4):
+        clock.advance(0.25)
+    # A new transaction every 0.25 s (0, 0.25, 0.5, 0.75, 1.0), each
+    # retransmitted 0.5 s after it was first sent.
+    assert loop.deliver() == 8
     assert not d.called
-    clock.advance(1.0)
+    for _ in range(4):
+        clock.advance(0.25)
     error = failed(d, RendezvousUnavailable)
     assert "within 2 s" in str(error)
     assert "UDP port 3478" in str(error)
+    assert clock.getDelayedCalls() == []
+    assert loop.demux.client.pending == 0
+
+
+def test_bind_udp_survives_lost_datagrams(
+    session: RendezvousSession, loop: StunLoop, clock: Clock
+) -> None:
+    """Parallel transactions: when the first request is lost, a later one binds within 0.25 s."""
+    d = session.bind_udp(loop.demux, timeout=3.0)
+    loop.answering = False
+    assert loop.deliver() == 1
+    loop.answering = True
+    clock.advance(0.25)
+    loop.deliver()
+    assert succeeded(d) == MAPPED
     assert clock.getDelayedCalls() == []
     assert loop.demux.client.pending == 0
 
@@ -787,14 +806,16 @@ def test_failed_binding_still_registers(
 def test_failed_binding_retried_on_keepalive(
     clock: Clock, network: Network, identity: Identity, handler: Handler, loop: StunLoop
 ) -> None:
-    """After a failed first binding the keepalive binds again, and succeeds."""
+    """After a failed first binding it is tried again after 1 s, not a whole keepalive."""
     loop.answering = False
     registration = registering(clock, network, identity, handler, loop, udp_keepalive=10.0)
     clock.advance(3.0)
     network.flush()
     loop.deliver()
     loop.answering = True
-    clock.advance(10.0)
+    clock.advance(0.9)
+    assert loop.deliver() == 0
+    clock.advance(0.1)
     network.flush()
     loop.deliver()
     assert registration.udp_observed == MAPPED
