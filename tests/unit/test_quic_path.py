@@ -267,9 +267,8 @@ def test_lose_connection_flushes(identities: tuple[Identity, Identity, Identity]
     assert clock.getDelayedCalls() == []
 
 
-@implementer(IPushProducer)
-class Producer:
-    """A push producer that writes while not paused."""
+class UndeclaredProducer:
+    """A push producer that does not declare IPushProducer (as StandardIO does not)."""
 
     def __init__(self, transport: QuicStreamTransport) -> None:
         self.transport = transport
@@ -287,13 +286,21 @@ class Producer:
         pass
 
 
-def test_flow_control_pauses_producer(identities: tuple[Identity, Identity, Identity]) -> None:
+@implementer(IPushProducer)
+class Producer(UndeclaredProducer):
+    """A push producer that writes while not paused."""
+
+
+@pytest.mark.parametrize("kind", [Producer, UndeclaredProducer])
+def test_flow_control_pauses_producer(
+    identities: tuple[Identity, Identity, Identity], kind: type[UndeclaredProducer]
+) -> None:
     """A paused receiver holds its window; the sender's producer is paused, then resumed."""
     clock, _, _, _, left, right = connected(
         identities, max_stream_data=64 * 1024, write_buffer=64 * 1024
     )
     transport_of(right).pauseProducing()
-    producer = Producer(transport_of(left))
+    producer = kind(transport_of(left))
     transport_of(left).registerProducer(producer, True)
     for _ in range(200):
         if producer.paused:
