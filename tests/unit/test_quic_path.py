@@ -301,7 +301,7 @@ def test_flow_control_pauses_producer(
     )
     transport_of(right).pauseProducing()
     producer = kind(transport_of(left))
-    transport_of(left).registerProducer(producer, True)
+    transport_of(left).registerProducer(producer, True)  # type: ignore[arg-type]
     for _ in range(200):
         if producer.paused:
             break
