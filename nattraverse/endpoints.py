@@ -236,24 +236,41 @@ class PunchClientEndpoint:
         reactor = self._reactor
         started = reactor.seconds()
         deadline = started + self._timeout
-        session: RendezvousSession = await self._within(
-            self._open_session(
-                reactor,
-                self._rendezvous,
-                self._identity,
-                access_key=self._access_key,
-                timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
-            ),
-            deadline,
-            "opening the rendezvous session",
-        )
         udp: Any = None
+        udp_problem: str | None = None
+        if any(getattr(method, "uses_udp", False) for method in self._methods):
+            udp, udp_problem = self._open_udp()
+        try:
+            # The punching port is bound at the rendezvous while the session
+            # authenticates, so that the introduction carries its address.
+            session: RendezvousSession = await self._within(
+                self._open_session(
+                    reactor,
+                    self._rendezvous,
+                    self._identity,
+                    access_key=self._access_key,
+                    timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
+                    **(
+                        {}
+                        if udp is None
+                        else {"udp": udp.demux, "udp_timeout": UDP_BINDING_TIMEOUT}
+                    ),
+                ),
+                deadline,
+                "opening the rendezvous session",
+            )
+        except BaseException:
+            if udp is not None:
+                udp.close()
+            raise
         try:
             udp_local: tuple[Any, ...] = ()
             udp_private: list[tuple[str, int]] = []
-            udp_problem: str | None = None
-            if any(getattr(method, "uses_udp", False) for method in self._methods):
-                udp, udp_local, udp_private, udp_problem = await self._open_udp(session, deadline)
+            if udp is not None:
+                udp_local, udp_private, udp_problem = self._udp_candidates(udp, session)
+                if udp_problem is not None:
+                    udp.close()
+                    udp = None
             introduction: Introduction = await self._within(
                 session.connect(
                     self._peer,
@@ -316,48 +333,46 @@ class PunchClientEndpoint:
         )
         return protocol
 
-    async def _open_udp(
-        self, session: RendezvousSession, deadline: float
-    ) -> tuple[Any, tuple[Any, ...], list[tuple[str, int]], str | None]:
+    def _open_udp(self) -> tuple[Any, str | None]:
         """
-        Open this ``connect()``'s punching port and bind it at the
-        rendezvous, so that the introduction carries its observed address.
+        Open this ``connect()``'s punching port.
 
-        :returns: The port, this side's candidates on it, the host
-            candidates to announce, and ``None``; or ``None``, ``()``,
-            ``[]`` and why the UDP methods cannot run.
+        :returns: The port and ``None``, or ``None`` and why it could not
+            be opened.
         """
         from twisted.internet.error import CannotListenError
 
-        from nattraverse.errors import RendezvousError, StunError
-        from nattraverse.punch.candidates import gather
         from nattraverse.punch.port import PunchingPort
 
         port = PunchingPort(self._reactor, self._identity, config=self._checks)
         try:
-            address = port.start()
+            port.start()
         except CannotListenError as e:
-            return None, (), [], f"could not bind a punching UDP port: {e}"
-        try:
-            observed = await self._within(
-                session.bind_udp(
-                    port.demux,
-                    timeout=min(
-                        UDP_BINDING_TIMEOUT, max(deadline - self._reactor.seconds(), 0.001)
-                    ),
-                ),
-                deadline,
-                "binding the punching UDP port at the rendezvous",
+            return None, f"could not bind a punching UDP port: {e}"
+        return port, None
+
+    def _udp_candidates(
+        self, port: Any, session: RendezvousSession
+    ) -> tuple[tuple[Any, ...], list[tuple[str, int]], str | None]:
+        """
+        This side's candidates on *port*, once *session* bound it.
+
+        :returns: The candidates, the host candidates to announce, and
+            ``None``; or ``()``, ``[]`` and why the UDP methods cannot run.
+        """
+        from nattraverse.punch.candidates import gather
+
+        observed = session.udp_observed
+        if observed is None:
+            return (
+                (),
+                [],
+                f"the rendezvous did not observe the punching UDP port: {session.udp_error}",
             )
-        except (RendezvousError, StunError, TimeoutError) as e:
-            port.close()
-            return None, (), [], f"the rendezvous did not observe the punching UDP port: {e}"
-        except BaseException:
-            port.close()
-            raise
         hosts = local_ipv4_addresses() if self._private is None else self._private
-        local = gather(address.port, hosts, observed)
-        return port, tuple(local), [(host, address.port) for host in hosts], None
+        number = port.address.port
+        local = gather(number, hosts, observed)
+        return tuple(local), [(host, number) for host in hosts], None
 
     def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[Path]:
         try:

@@ -148,7 +148,9 @@ class RendezvousSession:
         peer's).
     :ivar udp_observed: The address the rendezvous' STUN service observed
         this peer's UDP socket at, as of the last successful
-        :meth:`bind_udp`; ``None`` before.
+        :meth:`bind_udp` (or binding in :func:`open_session`); ``None`` before.
+    :ivar udp_error: Why the binding :func:`open_session` was asked for
+        failed; ``None`` otherwise.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class RendezvousSession:
         self.peer_id = peer_id
         self._timeout = timeout
         self.udp_observed: Endpoint | None = None
+        self.udp_error: RendezvousUnavailable | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousSession {self.peer_id} with {self._protocol.where}>"
@@ -356,45 +359,18 @@ class RendezvousSession:
             seconds = check_timeout(timeout)
         except ValueError as e:
             return fail(e)
-        where = self.where
-        hello = self.hello
-        if hello.stun_port == 0:
-            return fail(
-                RendezvousUnavailable(
-                    f"the rendezvous at {where} runs no STUN service (its Hello said STUN port "
-                    "0), so this peer's UDP socket cannot be bound; run twistd natrendezvous "
-                    "with its STUN service (--stun-port) for UDP hole punching"
-                )
-            )
-        if len(hello.udp_token) != UDP_TOKEN_SIZE:
-            return fail(
-                RendezvousUnavailable(
-                    f"the rendezvous at {where} issued no UDP binding token in Hello; "
-                    "upgrade it for UDP hole punching"
-                )
-            )
-        host = self._protocol.server_host()
-        if host is None:
-            return fail(
-                RendezvousUnavailable(
-                    f"the rendezvous session with {where} is closed; cannot bind a UDP socket "
-                    f"to it; {RETRY_HINT}"
-                )
-            )
-        server = Endpoint(host, hello.stun_port)
+        return _start_binding(self._protocol, self.hello, demux, seconds).addCallback(self._bound)
 
-        def bound(address: Endpoint) -> Endpoint:
-            if address != self.udp_observed:
-                _log.info(
-                    "the rendezvous at {where} observes this peer's UDP socket at {udp}",
-                    where=where,
-                    udp=str(address),
-                )
-            self.udp_observed = address
-            return address
-
-        d = bind_socket(self._protocol.reactor, demux, server, hello.udp_token, seconds)
-        return d.addCallback(bound)
+    def _bound(self, address: Endpoint) -> Endpoint:
+        if address != self.udp_observed:
+            _log.info(
+                "the rendezvous at {where} observes this peer's UDP socket at {udp}",
+                where=self.where,
+                udp=str(address),
+            )
+        self.udp_observed = address
+        self.udp_error = None
+        return address
 
     def relay(self, session: bytes) -> Deferred[tuple[bytes, float]]:
         """
@@ -442,13 +418,46 @@ async def _connect(
     return protocol
 
 
+def _start_binding(
+    protocol: RendezvousProtocol, hello: ServerHello, demux: StunDemultiplexer, seconds: float
+) -> Deferred[Endpoint]:
+    """Bind *demux*'s socket to the connection of *protocol* (see ``bind_udp``)."""
+    where = protocol.where
+    if hello.stun_port == 0:
+        return fail(
+            RendezvousUnavailable(
+                f"the rendezvous at {where} runs no STUN service (its Hello said STUN port "
+                "0), so this peer's UDP socket cannot be bound; run twistd natrendezvous "
+                "with its STUN service (--stun-port) for UDP hole punching"
+            )
+        )
+    if len(hello.udp_token) != UDP_TOKEN_SIZE:
+        return fail(
+            RendezvousUnavailable(
+                f"the rendezvous at {where} issued no UDP binding token in Hello; "
+                "upgrade it for UDP hole punching"
+            )
+        )
+    host = protocol.server_host()
+    if host is None:
+        return fail(
+            RendezvousUnavailable(
+                f"the rendezvous session with {where} is closed; cannot bind a UDP socket "
+                f"to it; {RETRY_HINT}"
+            )
+        )
+    server = Endpoint(host, hello.stun_port)
+    return bind_socket(protocol.reactor, demux, server, hello.udp_token, seconds)
+
+
 async def _handshake(
     protocol: RendezvousProtocol,
     identity: Identity,
     access_key: bytes | None,
     timeout: float,
+    on_hello: Callable[[ServerHello], object] | None = None,
 ) -> tuple[ServerHello, PeerId]:
-    """``Hello`` then ``Authenticate`` on a new connection."""
+    """``Hello`` then ``Authenticate`` on a new connection; *on_hello* between them."""
     where = protocol.where
     answer = await protocol.call("saying Hello", Hello, timeout, version=PROTOCOL_VERSION)
     if answer["version"] != PROTOCOL_VERSION:
@@ -467,6 +476,8 @@ async def _handshake(
         udp_token=check_bytes(answer["udp_token"], UDP_TOKEN_SIZE, "Hello.udp_token"),
     )
     protocol.hello = hello
+    if on_hello is not None:
+        on_hello(hello)
     proof: dict[str, Any] = {
         "public_key": identity.public_key_der,
         "signature": identity.sign(challenge),
@@ -513,6 +524,8 @@ def open_session(
     handler: IRendezvousHandler | None = None,
     access_key: bytes | None = None,
     timeout: float = 10.0,
+    udp: StunDemultiplexer | None = None,
+    udp_timeout: float = 3.0,
 ) -> Deferred[RendezvousSession]:
     """
     Connect to the rendezvous at *endpoint* and authenticate as *identity*.
@@ -522,6 +535,12 @@ def open_session(
     :param access_key: The rendezvous' access key, when it wants one.
     :param timeout: Seconds for the connection and handshake together, and
         then for each request on the session.
+    :param udp: A punching UDP socket to bind to the session (as
+        :meth:`RendezvousSession.bind_udp` does) while it authenticates,
+        saving the binding's round trip; the session's
+        :attr:`~RendezvousSession.udp_observed` (or
+        :attr:`~RendezvousSession.udp_error`) tells how it went.
+    :param udp_timeout: Seconds the binding of *udp* may take.
     :returns: A Deferred of the :class:`RendezvousSession`.  It fails with
         :class:`RendezvousUnavailable` naming the endpoint when the
         connection fails, is lost or takes too long, and with the server's
@@ -537,12 +556,26 @@ def open_session(
 
     async def run() -> RendezvousSession:
         protocol = await _connect(reactor, endpoint, handler, where)
+        binding: list[Deferred[Endpoint]] = []
+
+        def bind(hello: ServerHello) -> None:
+            if udp is not None:
+                binding.append(_start_binding(protocol, hello, udp, check_timeout(udp_timeout)))
+
         try:
-            hello, peer_id = await _handshake(protocol, identity, access_key, seconds)
+            hello, peer_id = await _handshake(protocol, identity, access_key, seconds, bind)
+            session = RendezvousSession(protocol, hello, peer_id, seconds)
+            if binding:
+                try:
+                    session._bound(await binding[0])
+                except RendezvousUnavailable as e:
+                    session.udp_error = e
         except BaseException:
+            for pending in binding:
+                pending.cancel()
             protocol.close()
             raise
-        return RendezvousSession(protocol, hello, peer_id, seconds)
+        return session
 
     return _with_deadline(
         Deferred.fromCoroutine(run()),

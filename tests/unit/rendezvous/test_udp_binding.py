@@ -974,3 +974,35 @@ def test_tap_shares_one_table() -> None:
     table = rendezvous.factory.udp_bindings
     assert stun.responder.bindings is table
     assert table.capacity == 7
+
+
+def test_open_session_binds_while_authenticating(
+    clock: Clock, network: Network, identity: Identity, table: UdpBindings, loop: StunLoop
+) -> None:
+    """open_session(udp=...) sends the binding right after Hello; the session knows the address."""
+    d = open_session(clock, network.endpoint(), identity, udp=loop.demux)
+    network.flush()
+    assert not d.called  # authenticated, but the binding is not answered yet
+    assert loop.deliver() == 1
+    session = succeeded(d)
+    assert session.udp_observed == MAPPED
+    assert session.udp_error is None
+    session.close()
+
+
+def test_open_session_survives_a_failed_binding(
+    clock: Clock, network: Network, identity: Identity, table: UdpBindings, loop: StunLoop
+) -> None:
+    """A binding without an answer does not fail the session: udp_error says why."""
+    loop.answering = False
+    d = open_session(clock, network.endpoint(), identity, udp=loop.demux, udp_timeout=1.0)
+    network.flush()
+    for _ in range(4):
+        clock.advance(0.25)
+    session = succeeded(d)
+    assert session.udp_observed is None
+    assert isinstance(session.udp_error, RendezvousUnavailable)
+    assert "within 1 s" in str(session.udp_error)
+    session.close()
+    network.flush()
+    assert loop.demux.client.pending == 0
