@@ -202,6 +202,7 @@ class _Pair:
     nominate_on_success: bool = False
     mapped: Endpoint | None = None
     last_result: str = "not checked"
+    rtt: float | None = None
 
 
 @dataclass(slots=True)
@@ -210,6 +211,7 @@ class _Transaction:
     data: bytes
     use_candidate: bool
     tries: int = 1
+    sent_at: float = 0.0
     next_time: float = 0.0
     interval: float = 0.0
     final: bool = False
@@ -286,6 +288,11 @@ class CheckMachine:
     def expects(self, transaction_id: bytes) -> bool:
         """Whether a response with *transaction_id* would answer one of our checks."""
         return transaction_id in self._transactions
+
+    def rtt_to(self, remote: tuple[str, int]) -> float | None:
+        """The round trip a check to *remote* took (sent once and answered), if measured."""
+        pair = self._pairs.get(Endpoint(remote[0], remote[1]))
+        return None if pair is None else pair.rtt
 
     def heard_from(self, source: tuple[str, int]) -> bool:
         """Whether an authenticated check from the peer arrived from *source*."""
@@ -409,7 +416,7 @@ class CheckMachine:
             integrity_key=self.credentials.remote_key,
             fingerprint=True,
         )
-        transaction = _Transaction(pair, data, use_candidate, interval=self.config.rto)
+        transaction = _Transaction(pair, data, use_candidate, sent_at=now, interval=self.config.rto)
         self._transactions[txid] = transaction
         if not use_candidate:
             pair.state = PairState.IN_PROGRESS
@@ -548,6 +555,9 @@ class CheckMachine:
                 pair.state = PairState.FAILED
             return
         self.stats.responses_received += 1
+        if transaction.tries == 1:
+            # Karn's rule: only an answer to a check sent once times the path.
+            pair.rtt = now - transaction.sent_at
         mapped = message.get(XorMappedAddress)
         if mapped is not None:
             pair.mapped = Endpoint(mapped.address[0], mapped.address[1])

@@ -412,7 +412,11 @@ class PunchingPort:
             raise RuntimeError(f"a QUIC path to {remote} is already open on this port")
         # The handshake may take what is left of the session: on a lossy
         # path its flights need many retransmissions.
-        options: dict[str, Any] = {"handshake_timeout": session.timeout, **self._quic_options}
+        options: dict[str, Any] = {"handshake_timeout": session.timeout}
+        rtt = session.agent.machine.rtt_to(remote)
+        if rtt is not None:
+            options["initial_rtt"] = rtt
+        options.update(self._quic_options)
         path = QuicPath(
             self.reactor,
             self.identity,
