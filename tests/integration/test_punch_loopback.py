@@ -21,7 +21,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nattraverse._listener import PunchListener
@@ -39,6 +38,7 @@ from nattraverse.rendezvous.client import Introduction, IRendezvousHandler
 from nattraverse.rendezvous.registration import Registration
 from nattraverse.rendezvous.relay import RelayHub, RelayLimits
 from nattraverse.rendezvous.server import RendezvousService
+from tests.integration.punch_apps import Collector, Echo
 
 LOCALHOST = "127.0.0.1"
 PAYLOAD_SIZE = 1024 * 1024
@@ -86,20 +86,6 @@ async def rendezvous(reactor: Any) -> AsyncIterator[TCP4ClientEndpoint]:
     await service.stopService()
 
 
-class Echo(Protocol):
-    """Echoes; remembers its transport for the test."""
-
-    def __init__(self, seen: list[Any]) -> None:
-        self._seen = seen
-
-    def connectionMade(self) -> None:
-        self._seen.append(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-
 @dataclass
 class Alice:
     """The listening peer."""
@@ -133,25 +119,6 @@ async def alice(reactor: Any, rendezvous: Any) -> AsyncIterator[Alice]:
     identity, port, transports = await _listen(reactor, rendezvous)
     yield Alice(identity, port, transports)
     await port.stopListening()
-
-
-class Collector(Protocol):
-    """Gathers what comes back until it has *expected* bytes."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.received = bytearray()
-        self.complete: Deferred[bytes] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if len(self.received) >= self.expected and not self.complete.called:
-            self.complete.callback(bytes(self.received))
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        if not self.lost.called:
-            self.lost.callback(None)
 
 
 async def _echo(reactor: Any, endpoint: Any) -> Collector:

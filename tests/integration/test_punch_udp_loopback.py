@@ -30,6 +30,7 @@ from nattraverse.punch.port import PunchingPort
 from nattraverse.rendezvous.server import RendezvousService
 from nattraverse.rendezvous.udpbind import UdpBindings
 from nattraverse.stun.server import StunServer
+from tests.integration.punch_apps import Collector, Echo
 
 LOCALHOST = "127.0.0.1"
 PAYLOAD_SIZE = 1024 * 1024
@@ -64,37 +65,6 @@ async def rendezvous(reactor: Any) -> AsyncIterator[TCP4ClientEndpoint]:
     yield TCP4ClientEndpoint(reactor, LOCALHOST, port, timeout=5)
     await service.stopService()
     await stun.stopService()
-
-
-class Echo(Protocol):
-    def __init__(self, seen: list[Any]) -> None:
-        self._seen = seen
-
-    def connectionMade(self) -> None:
-        self._seen.append(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-
-class Collector(Protocol):
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.received = bytearray()
-        self.complete: Deferred[bytes] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if len(self.received) >= self.expected and not self.complete.called:
-            self.complete.callback(bytes(self.received))
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        if not self.lost.called:
-            self.reason = reason
-            self.lost.callback(None)
 
 
 async def _listen(
