@@ -171,8 +171,10 @@ def test_every_pair_connects_with_all_methods(
         # In an undelayed lab punching and QUIC take 60-160 ms (a first
         # check may be retransmitted after 100 ms, through a symmetric NAT
         # too); the relay starts after its 0.5 s stagger and then needs a
-        # session of its own: UDP wins by a wide margin.
-        assert mine["method"] == "udp"
+        # session of its own: a direct path wins by a wide margin.  Behind a
+        # full-cone NAT the caller's dial-back (reversal) may win the race.
+        expected = {"udp", "reversal"} if caller_nat is Preset.FULL_CONE else {"udp"}
+        assert mine["method"] in expected
     else:
         # Direct TCP cannot reach a callee behind a NAT, reversal needs a
         # caller that listens: only the relay remains.
