@@ -240,6 +240,7 @@ def parse_client(
     seconds = _timeout(timeout, 30.0)
     key = _access_key(accessKeyFile, os.environ if environ is None else environ)
     loaded = _identity(identity) if identity is not None else None
+    checks = _checks(checkInterval, punchTimeout)
     try:
         return PunchClientEndpoint(
             reactor,
@@ -249,7 +250,7 @@ def parse_client(
             methods=chosen,
             timeout=seconds,
             access_key=key,
-            checks=_checks(checkInterval, punchTimeout),
+            checks=checks,
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e
@@ -294,6 +295,7 @@ def parse_server(
     seconds = _timeout(timeout, 30.0)
     key = _access_key(accessKeyFile, os.environ if environ is None else environ)
     loaded = _identity(key_file)
+    checks = _checks(checkInterval, punchTimeout)
     try:
         return PunchServerEndpoint(
             reactor,
@@ -305,7 +307,7 @@ def parse_server(
             methods=chosen,
             access_key=key,
             timeout=seconds,
-            checks=_checks(checkInterval, punchTimeout),
+            checks=checks,
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e

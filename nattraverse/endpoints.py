@@ -3,14 +3,17 @@ The ``punch:`` endpoints (DESIGN section 1; ``docs/endpoints.rst``).
 
 :class:`PunchClientEndpoint` reaches a named peer: it asks the rendezvous
 for an introduction, races the traversal methods (Happy-Eyeballs style:
-direct TCP and connection reversal at once, the relay after a short
-stagger), keeps the first path that authenticates and cancels the rest.
+direct TCP, connection reversal and UDP hole punching at once, the relay
+after a short stagger), keeps the first path that authenticates and
+cancels the rest.
 :class:`PunchServerEndpoint` registers a name at the rendezvous and hands
 every path a caller selects to the application.
 
-Both hand the application a :class:`~nattraverse.secure.PunchTransport`,
-which says which method carried the connection (``transport.method``) and
-who the peer is (``transport.peer_id``).
+Both hand the application a :class:`~nattraverse.secure.PunchTransport`
+(a TLS path over TCP) or a :class:`~nattraverse.quic.QuicStreamTransport`
+(a QUIC stream over a punched UDP path); either says which method carried
+the connection (``transport.method``) and who the peer is
+(``transport.peer_id``).
 """
 
 from __future__ import annotations
@@ -196,7 +199,8 @@ class PunchClientEndpoint:
 
         :returns: A Deferred that fires with the protocol built by
             *protocolFactory* once a path authenticated, connected to a
-            :class:`~nattraverse.secure.PunchTransport`.  It fails with
+            :class:`~nattraverse.secure.PunchTransport` (TCP paths) or a
+            :class:`~nattraverse.quic.QuicStreamTransport` (``udp``).  It fails with
             :class:`~nattraverse.errors.PeerNotFound`,
             :class:`~nattraverse.errors.RendezvousUnavailable`,
             :class:`~nattraverse.errors.PeerAuthenticationFailed` (the

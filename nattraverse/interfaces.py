@@ -1,8 +1,9 @@
 """
 The traversal-method plugin interface (DESIGN section 3, step 5).
 
-A traversal method is one way of getting an authenticated TCP path between
-two introduced peers: direct TCP, connection reversal, the relay, and
+A traversal method is one way of getting an authenticated path between
+two introduced peers: direct TCP, connection reversal, UDP hole punching
+(a QUIC path), the relay, and
 whatever a third party adds (UPnP/PCP port mapping, say).  Each is an
 object providing :class:`ITraversalMethod` (and
 :class:`twisted.plugin.IPlugin`), found with :func:`twisted.plugin.getPlugins`

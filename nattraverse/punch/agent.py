@@ -3,7 +3,7 @@ The Twisted adapter of the check machine: feeds it datagrams and the
 reactor's time, writes what it sends, keeps one timer.
 
 Which datagrams reach it is the business of its owner
-(:class:`~nattraverse.punch.socket.PunchingSocket` routes a shared socket's
+(:class:`~nattraverse.punch.port.PunchingPort` routes a shared socket's
 checks by USERNAME and transaction id).
 """
 
