@@ -168,13 +168,12 @@ def test_every_pair_connects_with_all_methods(
     mine, theirs = echo_through(lab, caller, callee, tmp_path)
     assert theirs["method"] == mine["method"]
     if punching_serves(callee_nat, caller_nat):
-        # In an undelayed lab punching and QUIC take 60-160 ms (a first
-        # check may be retransmitted after 100 ms, through a symmetric NAT
-        # too); the relay starts after its 0.5 s stagger and then needs a
-        # session of its own: a direct path wins by a wide margin.  Behind a
-        # full-cone NAT the caller's dial-back (reversal) may win the race.
-        expected = {"udp", "reversal"} if caller_nat is Preset.FULL_CONE else {"udp"}
-        assert mine["method"] in expected
+        # UDP usually wins (60-160 ms; the relay starts after its 0.5 s
+        # stagger), but a first check lost or a busy CI machine can let the
+        # relay, or reversal behind a full-cone caller, finish first: the race
+        # takes whichever path authenticates first.  That udp itself connects
+        # every one of these pairs is test_udp_connects_where_punching_can's.
+        assert mine["method"] in {"udp", "reversal", "relay"}
     else:
         # Direct TCP cannot reach a callee behind a NAT, reversal needs a
         # caller that listens: only the relay remains.
