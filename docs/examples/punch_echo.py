@@ -1,16 +1,19 @@
 """
-Two peers through a rendezvous: ``alice`` echoes, a caller sends a line.
+Two peers through a rendezvous: ``echo`` echoes, a caller sends a line.
 
 Run ``twistd -n natrendezvous`` first (``scripts/serve``), then::
 
     .venv/bin/python docs/examples/punch_echo.py tcp:127.0.0.1:8478
 
 Both peers run in this one process to keep the example short; in real use
-each runs on its own machine, with the same endpoint strings.
+each runs on its own machine, with the same endpoint strings.  The name is
+bound to the key in the temporary directory, created on the first run and
+used again by the next ones.
 """
 
 import sys
 import tempfile
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -39,13 +42,13 @@ class Hello(Protocol):
 
 async def main(reactor, rendezvous):
     nested = rendezvous.replace(":", r"\:")
-    key = tempfile.mkdtemp() + "/alice.key"
+    key = Path(tempfile.gettempdir()) / "nattraverse-example-echo.key"
     port = await serverFromString(
-        reactor, f"punch:name=alice:rendezvous={nested}:identity={key}"
+        reactor, f"punch:name=echo:rendezvous={nested}:identity={key}"
     ).listen(Factory.forProtocol(Echo))
-    print(f"alice is registered as {port.getHost().peer_id}")
+    print(f"echo is registered as {port.getHost().peer_id}")
 
-    protocol = await clientFromString(reactor, f"punch:peer=alice:rendezvous={nested}").connect(
+    protocol = await clientFromString(reactor, f"punch:peer=echo:rendezvous={nested}").connect(
         Factory.forProtocol(Hello)
     )
     print("echoed:", (await protocol.answer).decode().strip())

@@ -114,3 +114,21 @@ def test_an_unknown_peer_fails_with_status_1(rendezvous: str) -> None:
     )
     assert result.returncode == 1
     assert "nobody" in result.stderr.decode()
+
+
+def test_the_tutorials_python_example_runs_twice(rendezvous: str, tmp_path: Path) -> None:
+    """docs/examples/punch_echo.py echoes, and runs again at once (its key is kept)."""
+    example = REPO_ROOT / "docs" / "examples" / "punch_echo.py"
+    environment = dict(_environment(), TMPDIR=str(tmp_path))
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(example), rendezvous],
+            capture_output=True,
+            env=environment,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        detail = result.stderr.decode(errors="replace")
+        assert result.returncode == 0, detail
+        assert b"echoed: hello" in result.stdout, detail
+    assert (tmp_path / "nattraverse-example-echo.key").exists()
