@@ -50,8 +50,6 @@ __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
 _log = Logger()
 
-#: Seconds the rendezvous may take to answer any one request.
-RENDEZVOUS_TIMEOUT = 10.0
 #: Seconds the rendezvous' STUN service may take to answer the binding of
 #: the punching port.
 UDP_BINDING_TIMEOUT = 3.0
@@ -247,13 +245,15 @@ class PunchClientEndpoint:
         try:
             # The punching port is bound at the rendezvous while the session
             # authenticates, so that the introduction carries its address.
+            # The session may take the whole budget: over a lossy link, TCP's
+            # retransmissions alone can hold one exchange up for many seconds.
             session: RendezvousSession = await self._within(
                 self._open_session(
                     reactor,
                     self._rendezvous,
                     self._identity,
                     access_key=self._access_key,
-                    timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
+                    timeout=self._timeout,
                     **(
                         {}
                         if udp is None

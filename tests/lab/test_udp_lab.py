@@ -242,7 +242,9 @@ def test_udp_connects_through_lossy_links(lab: Lab, tmp_path: Path) -> None:
         caller,
         callee,
         tmp_path,
-        caller_args=UDP_ONLY,
+        # Over TCP with 36% loss, opening the rendezvous session alone may
+        # take over 10 s; the caller is given a minute for everything.
+        caller_args=(*UDP_ONLY, "--timeout", "60"),
         callee_args=UDP_ONLY,
         payload_size=LOSSY_PAYLOAD_SIZE,
         # Retransmission timeouts back off exponentially: with 59% of the

@@ -599,6 +599,17 @@ def test_session_timeout_is_bounded_by_the_endpoint_timeout() -> None:
     assert opener.calls[0]["timeout"] == 3
 
 
+def test_session_may_take_the_whole_endpoint_timeout() -> None:
+    """
+    A slow rendezvous (TCP retransmitting over a lossy link) is waited for
+    as long as the endpoint's own budget allows, not a fixed 10 s.
+    """
+    clock = Clock()
+    endpoint, opener = _endpoint(clock, [FakeMethod("direct")], None, timeout=60)
+    endpoint.connect(_factory()).cancel()
+    assert opener.calls[0]["timeout"] == 60
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
