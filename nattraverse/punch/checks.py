@@ -22,9 +22,13 @@ Anything that fails decoding, USERNAME, integrity, FINGERPRINT or the
 role check is dropped and counted in :class:`CheckStats`, and changes no
 state: a path is never chosen on an unauthenticated packet.
 
-Pacing and retransmission: one new check (triggered ones first, then the
-next waiting pair in :func:`~nattraverse.punch.candidates.form_pairs`
-order) every :attr:`CheckConfig.ta`; each check is retransmitted after
+Pacing and retransmission: one new check (the next waiting pair in
+:func:`~nattraverse.punch.candidates.form_pairs` order) every
+:attr:`CheckConfig.ta`.  Triggered checks (answering the peer's check on a
+pair not yet validated) and the nomination go out at once: they follow
+the peer's own paced checks one for one, and waiting for the next tick
+would add up to *Ta* to every connection through a symmetric NAT, whose
+working pair is only learned from the peer's check.  Each check is retransmitted after
 ``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
 to ``max_tries`` sends, and times out ``rm * rto`` after the last.  A
 timed-out pair is checked again later while its budget lasts (the peer's
@@ -52,7 +56,6 @@ import enum
 import hashlib
 import hmac
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -217,12 +220,6 @@ class _Transaction:
     final: bool = False
 
 
-@dataclass(slots=True)
-class _Queued:
-    pair: _Pair
-    use_candidate: bool = False
-
-
 class CheckMachine:
     """
     One side's connectivity checks.
@@ -261,7 +258,6 @@ class CheckMachine:
             p.remote.address: _Pair(p) for p in form_pairs(local, remote, controlling=controlling)
         }
         self._order: list[_Pair] = list(self._pairs.values())
-        self._triggered: deque[_Queued] = deque()
         self._transactions: dict[bytes, _Transaction] = {}
         self._outgoing: list[tuple[bytes, Endpoint]] = []
         self._nominating: _Pair | None = None
@@ -365,9 +361,7 @@ class CheckMachine:
     # -- sending --------------------------------------------------------------------------
 
     def _has_work(self) -> bool:
-        return bool(self._triggered) or any(
-            p.state is PairState.WAITING and self._can_send(p) for p in self._order
-        )
+        return any(p.state is PairState.WAITING and self._can_send(p) for p in self._order)
 
     def _can_send(self, pair: _Pair) -> bool:
         return (
@@ -376,23 +370,14 @@ class CheckMachine:
         )
 
     def _send_next(self, now: float) -> bool:
-        while self._triggered:
-            queued = self._triggered.popleft()
-            if self._can_send(queued.pair) and not self._in_flight(
-                queued.pair, queued.use_candidate
-            ):
-                self._check(queued.pair, now, use_candidate=queued.use_candidate)
-                return True
         for pair in self._order:
             if pair.state is PairState.WAITING and self._can_send(pair):
                 self._check(pair, now, use_candidate=False)
                 return True
         return False
 
-    def _in_flight(self, pair: _Pair, use_candidate: bool) -> bool:
-        return any(
-            t.pair is pair and t.use_candidate == use_candidate for t in self._transactions.values()
-        )
+    def _check_in_flight(self, pair: _Pair) -> bool:
+        return any(t.pair is pair and not t.use_candidate for t in self._transactions.values())
 
     def _check(self, pair: _Pair, now: float, *, use_candidate: bool) -> None:
         txid = self._random(12)
@@ -443,7 +428,7 @@ class CheckMachine:
             pair.last_result = "timed out"
             if transaction.use_candidate:
                 self._nominating = None
-                self._maybe_nominate()
+                self._maybe_nominate(now)
             elif pair.state is PairState.IN_PROGRESS:
                 # Checked again later while its budget lasts: the peer's
                 # NAT may have opened meanwhile.
@@ -506,10 +491,10 @@ class CheckMachine:
         if pair.state is not PairState.SUCCEEDED:
             # A triggered check (RFC 8445 section 7.3.1.4): the peer's
             # packet just opened our NAT towards it, and its NAT towards us.
-            if not self._in_flight(pair, False):
-                self._triggered.append(_Queued(pair))
+            if not self._check_in_flight(pair) and self._can_send(pair):
+                self._check(pair, now, use_candidate=False)
         else:
-            self._maybe_nominate()
+            self._maybe_nominate(now)
 
     def _learn(self, source: Endpoint, priority: int) -> _Pair:
         candidate = Candidate(CandidateKind.PEER_REFLEXIVE, source, priority)
@@ -570,9 +555,9 @@ class CheckMachine:
         if pair.nominate_on_success:
             self.nominated = pair.pair
             return
-        self._maybe_nominate()
+        self._maybe_nominate(now)
 
-    def _maybe_nominate(self) -> None:
+    def _maybe_nominate(self, now: float) -> None:
         if not self.controlling or self._nominating is not None or self.done:
             return
         for pair in self._order:
@@ -580,7 +565,7 @@ class CheckMachine:
                 self._nominating = pair
                 if self.selected is None:
                     self.selected = pair.pair
-                self._triggered.appendleft(_Queued(pair, use_candidate=True))
+                self._check(pair, now, use_candidate=True)
                 return
 
     # -- ending ---------------------------------------------------------------------------
@@ -601,7 +586,6 @@ class CheckMachine:
 
     def _fail(self, reason: str) -> None:
         self._transactions.clear()
-        self._triggered.clear()
         self.failure = PunchChecksFailed(reason, self.describe(), self.stats)
 
     def describe(self) -> str:

@@ -15,7 +15,7 @@ from nattraverse.punch.checks import (
     PairState,
     PunchChecksFailed,
 )
-from nattraverse.stun.attributes import IceControlling, Priority, Username
+from nattraverse.stun.attributes import IceControlling, Priority, UseCandidate, Username
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode
 
@@ -220,8 +220,35 @@ def test_peer_reflexive_learned_from_request() -> None:
     assert learned.kind is CandidateKind.PEER_REFLEXIVE
     assert learned.address == mapped
     assert learned.priority == 123
+    # The answer, then at once (not at the next Ta) a triggered check to
+    # the learned address: through a symmetric NAT it is the only way back.
     out = callee.take_datagrams()
-    assert [d for _, d in out] == [mapped]
-    assert decode(out[0][0]).message_class is MessageClass.SUCCESS
-    callee.handle_timer(0.05)
-    assert mapped in [d for _, d in callee.take_datagrams()]
+    assert [d for _, d in out] == [mapped, mapped]
+    assert [decode(data).message_class for data, _ in out] == [
+        MessageClass.SUCCESS,
+        MessageClass.REQUEST,
+    ]
+    assert callee.stats.requests_sent == 2
+
+
+def test_nomination_goes_out_with_the_validating_answer() -> None:
+    """
+    The controlling side sends its USE-CANDIDATE check as soon as a pair is
+    validated both ways, not at the next Ta.
+    """
+    caller = machine(True, A, [B])
+    callee = machine(False, B, [A], seed=1)
+    caller.start(0.0)
+    callee.start(0.0)
+    (check,) = caller.take_datagrams()
+    (their_check,) = callee.take_datagrams()
+    caller.datagram_received(their_check[0], B, 0.01)
+    callee.datagram_received(check[0], A, 0.01)
+    answers = callee.take_datagrams()
+    caller.take_datagrams()
+    for data, _ in answers:
+        if decode(data).message_class is MessageClass.SUCCESS:
+            caller.datagram_received(data, B, 0.02)
+    assert caller.selected is not None
+    (nomination,) = caller.take_datagrams()
+    assert decode(nomination[0]).get(UseCandidate) is not None
