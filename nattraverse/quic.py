@@ -358,6 +358,10 @@ class QuicPath:
             )
             self._close(QuicErrorCode.CONNECTION_REFUSED, "handshake timeout")
             return
+        if self._connection is not None:
+            # Our probes and keepalives repeat the acknowledgements, so a
+            # lost ACK cannot leave the peer backing off for minutes.
+            self._connection.repeat_acknowledgements(now)
         if self._next_ping is not None and now >= self._next_ping:
             self._ping_uid += 1
             self._quic.send_ping(self._ping_uid)

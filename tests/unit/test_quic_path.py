@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 
 import pytest
+from aioquic import tls
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -46,6 +47,8 @@ class Pipe:
         self.loss = loss
         self.random = random.Random(seed)
         self.up = True
+        #: Sources whose datagrams are dropped, whatever the loss.
+        self.blocked: set[tuple[str, int]] = set()
         self.paths: dict[tuple[str, int], QuicPath] = {}
         self.sent = 0
 
@@ -53,7 +56,7 @@ class Pipe:
         def send(datagram: bytes, address: tuple[str, int]) -> None:
             self.sent += 1
             assert is_quic(datagram)
-            if not self.up or self.random.random() < self.loss:
+            if not self.up or source in self.blocked or self.random.random() < self.loss:
                 return
             target = self.paths[address]
             self.clock.callLater(LATENCY, target.datagram_received, datagram, source)
@@ -237,6 +240,27 @@ def test_megabyte_with_loss(identities: tuple[Identity, Identity, Identity]) -> 
     transport_of(left).write(payload)
     run_until(clock, lambda: len(right.data) >= len(payload), limit=600)
     assert bytes(right.data) == payload
+
+
+def test_lost_acknowledgement_is_repeated(identities: tuple[Identity, Identity, Identity]) -> None:
+    """
+    When the only ACK of the callee's data is lost, the caller's later
+    packets (its probes and keepalives) carry it again, as every TCP segment
+    carries the cumulative ACK; aioquic alone acknowledges a packet once,
+    and the callee, its window full, waited for its own probes, whose
+    timeout doubles at each loss (minutes at a third of the packets lost).
+    """
+    clock, pipe, caller, callee, left, right = connected(identities)
+    pipe.blocked.add(CALLER_ADDRESS)  # the caller's ACK of the data is lost
+    transport_of(right).write(b"x" * 1000)
+    run_until(clock, lambda: bytes(left.data) == b"x" * 1000)
+    pipe.blocked.add(CALLEE_ADDRESS)  # and so are the callee's probes
+    clock.advance(0.1)
+    space = callee._quic._spaces[tls.Epoch.ONE_RTT]
+    before = space.largest_acked_packet
+    pipe.blocked = {CALLEE_ADDRESS}  # now only the caller gets through
+    assert caller.keepalive is not None
+    run_until(clock, lambda: space.largest_acked_packet > before, limit=caller.keepalive + 1)
 
 
 def test_half_close(identities: tuple[Identity, Identity, Identity]) -> None:
