@@ -157,6 +157,10 @@ class PunchClientEndpoint:
         self._access_key = access_key
         self._private = None if private is None else tuple(private)
         self._open_session: Callable[..., Deferred[RendezvousSession]] = open_session
+        if any(getattr(method, "uses_udp", False) for method in self._methods):
+            # The punching machinery (aioquic and its TLS) takes some 40 ms
+            # to import: load it with the endpoint, not in the first connect().
+            import nattraverse.punch.port  # noqa: F401
 
     def __repr__(self) -> str:
         return f"<PunchClientEndpoint to {self._peer!r} via {self._rendezvous!r}>"

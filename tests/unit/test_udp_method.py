@@ -6,6 +6,8 @@ and what it hands the punching port on each side.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,3 +158,26 @@ def test_callee_answers_only_callers_that_punch() -> None:
     (answer,) = port.answers
     assert answer["local"] == list(LOCAL)
     assert answer["timeout"] == 9.0
+
+
+_IMPORTS_PROBE = """
+import sys
+from nattraverse.endpoints import PunchClientEndpoint
+assert "aioquic" not in sys.modules, "imported before any endpoint"
+PunchClientEndpoint(None, None, "bob", methods=["direct"])
+assert "aioquic" not in sys.modules, "imported for an endpoint without udp"
+PunchClientEndpoint(None, None, "bob", methods=["udp"])
+assert "nattraverse.punch.port" in sys.modules, "not imported for udp"
+"""
+
+
+def test_udp_machinery_is_loaded_with_the_endpoint_not_in_connect() -> None:
+    """
+    An endpoint that may punch UDP imports the punching port (aioquic) when
+    it is made, so the first ``connect()`` does not spend ~40 ms on imports;
+    one that may not leaves it unloaded.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
