@@ -28,8 +28,10 @@ Pacing and retransmission: one new check (the next waiting pair in
 pair not yet validated) and the nomination go out at once: they follow
 the peer's own paced checks one for one, and waiting for the next tick
 would add up to *Ta* to every connection through a symmetric NAT, whose
-working pair is only learned from the peer's check.  Each check is retransmitted after
-``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
+working pair is only learned from the peer's check.  When our own check on
+that pair is still in flight, it is sent again at once (once per check):
+the peer's NAT, which dropped it, has just opened.  Each check is
+retransmitted after ``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
 to ``max_tries`` sends, and times out ``rm * rto`` after the last.  A
 timed-out pair is checked again later while its budget lasts (the peer's
 NAT may open meanwhile).  Requests sent are bounded per pair and in total;
@@ -218,6 +220,11 @@ class _Transaction:
     next_time: float = 0.0
     interval: float = 0.0
     final: bool = False
+    #: Replaced by a new check on its pair: never resent, forgotten at its
+    #: timeout without failing the pair; an answer to it still counts.
+    superseded: bool = False
+    #: Sent in place of a superseded check: not replaced again.
+    renewal: bool = False
 
 
 class CheckMachine:
@@ -376,10 +383,14 @@ class CheckMachine:
                 return True
         return False
 
-    def _check_in_flight(self, pair: _Pair) -> bool:
-        return any(t.pair is pair and not t.use_candidate for t in self._transactions.values())
+    def _check_in_flight(self, pair: _Pair) -> _Transaction | None:
+        for transaction in self._transactions.values():
+            live = not (transaction.use_candidate or transaction.superseded)
+            if transaction.pair is pair and live:
+                return transaction
+        return None
 
-    def _check(self, pair: _Pair, now: float, *, use_candidate: bool) -> None:
+    def _check(self, pair: _Pair, now: float, *, use_candidate: bool) -> _Transaction:
         txid = self._random(12)
         role: Attribute = (
             IceControlling(self._tie_breaker)
@@ -407,6 +418,7 @@ class CheckMachine:
             pair.state = PairState.IN_PROGRESS
         self._send_request(pair, data)
         self._schedule(transaction, now)
+        return transaction
 
     def _send_request(self, pair: _Pair, data: bytes) -> None:
         pair.sent += 1
@@ -422,6 +434,9 @@ class CheckMachine:
 
     def _transaction_due(self, txid: bytes, transaction: _Transaction, now: float) -> None:
         pair = transaction.pair
+        if transaction.superseded:
+            del self._transactions[txid]  # its answer did not come
+            return
         if transaction.final:
             del self._transactions[txid]
             self.stats.timeouts += 1
@@ -491,8 +506,25 @@ class CheckMachine:
         if pair.state is not PairState.SUCCEEDED:
             # A triggered check (RFC 8445 section 7.3.1.4): the peer's
             # packet just opened our NAT towards it, and its NAT towards us.
-            if not self._check_in_flight(pair) and self._can_send(pair):
-                self._check(pair, now, use_candidate=False)
+            in_flight = self._check_in_flight(pair)
+            renewing = (
+                in_flight is not None
+                and in_flight.tries == 1
+                and not in_flight.renewal
+                and self._can_send(pair)
+            )
+            if in_flight is not None and renewing:
+                # Our check may have been dropped by the NAT the peer had not
+                # opened yet: check anew now rather than at its retransmission
+                # timeout.  As RFC 8445 cancels it, the old one is not resent,
+                # but an answer to it still counts.
+                in_flight.superseded = True
+                in_flight.next_time = max(
+                    in_flight.next_time, in_flight.sent_at + self.config.rm * self.config.rto
+                )
+                in_flight = None
+            if in_flight is None and self._can_send(pair):
+                self._check(pair, now, use_candidate=False).renewal = renewing
         else:
             self._maybe_nominate(now)
 
@@ -548,6 +580,9 @@ class CheckMachine:
             pair.mapped = Endpoint(mapped.address[0], mapped.address[1])
             self._mapped.add(pair.mapped)
         pair.state = PairState.SUCCEEDED
+        for txid, other in list(self._transactions.items()):
+            if other.pair is pair and not other.use_candidate:
+                del self._transactions[txid]  # the other copy of a superseded check
         pair.last_result = "answered"
         if transaction.use_candidate:
             self.nominated = pair.pair

@@ -252,3 +252,46 @@ def test_nomination_goes_out_with_the_validating_answer() -> None:
     assert caller.selected is not None
     (nomination,) = caller.take_datagrams()
     assert decode(nomination[0]).get(UseCandidate) is not None
+
+
+def test_check_in_flight_is_renewed_when_the_peer_checks() -> None:
+    """
+    A check from the peer on a pair whose own check is still unanswered
+    (dropped by the peer's NAT, which has just opened) sends a new check at
+    once, not at the old one's retransmission timeout; the old one is not
+    resent, and an answer to the new one times the path.
+    """
+    caller = machine(True, A, [B])
+    callee = machine(False, B, [A], seed=1)
+    caller.start(0.0)
+    (dropped,) = caller.take_datagrams()
+    callee.start(0.01)
+    (their_check,) = callee.take_datagrams()
+    caller.datagram_received(their_check[0], B, 0.02)
+    out = caller.take_datagrams()
+    assert [decode(data).message_class for data, _ in out] == [
+        MessageClass.SUCCESS,
+        MessageClass.REQUEST,
+    ]
+    renewed = out[1][0]
+    assert decode(renewed).transaction_id != decode(dropped[0]).transaction_id
+    # The peer's check again (a retransmission): answered, nothing more.
+    caller.datagram_received(their_check[0], B, 0.03)
+    assert [decode(data).message_class for data, _ in caller.take_datagrams()] == [
+        MessageClass.SUCCESS
+    ]
+    callee.datagram_received(renewed, A, 0.04)
+    answer = next(
+        data
+        for data, _ in callee.take_datagrams()
+        if decode(data).message_class is MessageClass.SUCCESS
+    )
+    caller.datagram_received(answer, B, 0.05)
+    assert caller.pair_state(B) is PairState.SUCCEEDED
+    assert caller.rtt_to(B) == pytest.approx(0.03)
+    # Nothing is retransmitted later: the dropped check was superseded.
+    caller.take_datagrams()
+    caller.handle_timer(1.0)
+    sent = [decode(data) for data, _ in caller.take_datagrams()]
+    assert all(m.get(UseCandidate) is not None for m in sent)
+    assert decode(dropped[0]).transaction_id not in {m.transaction_id for m in sent}
