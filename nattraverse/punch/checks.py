@@ -370,11 +370,12 @@ class CheckMachine:
     def _has_work(self) -> bool:
         return any(p.state is PairState.WAITING and self._can_send(p) for p in self._order)
 
-    def _can_send(self, pair: _Pair) -> bool:
-        return (
-            pair.sent < self.config.max_checks_per_pair
-            and self.stats.requests_sent < self.config.max_checks
-        )
+    def _can_send(self, pair: _Pair, *, nomination: bool = False) -> bool:
+        # A nomination is bound by the total budget only: a pair that spent
+        # its own on checks lost on the way is the one that works.
+        if self.stats.requests_sent >= self.config.max_checks:
+            return False
+        return nomination or pair.sent < self.config.max_checks_per_pair
 
     def _send_next(self, now: float) -> bool:
         for pair in self._order:
@@ -426,7 +427,9 @@ class CheckMachine:
         self._outgoing.append((data, pair.pair.remote.address))
 
     def _schedule(self, transaction: _Transaction, now: float) -> None:
-        if transaction.tries >= self.config.max_tries or not self._can_send(transaction.pair):
+        if transaction.tries >= self.config.max_tries or not self._can_send(
+            transaction.pair, nomination=transaction.use_candidate
+        ):
             transaction.final = True
             transaction.next_time = now + self.config.rm * self.config.rto
         else:
@@ -449,7 +452,7 @@ class CheckMachine:
                 # NAT may have opened meanwhile.
                 pair.state = PairState.WAITING if self._can_send(pair) else PairState.FAILED
             return
-        if not self._can_send(pair):
+        if not self._can_send(pair, nomination=transaction.use_candidate):
             self._schedule(transaction, now)
             return
         transaction.tries += 1
@@ -596,11 +599,14 @@ class CheckMachine:
         if not self.controlling or self._nominating is not None or self.done:
             return
         for pair in self._order:
-            if pair.state is PairState.SUCCEEDED and pair.received and self._can_send(pair):
-                self._nominating = pair
+            if pair.state is PairState.SUCCEEDED and pair.received:
+                # Validated both ways: the secure path may start on it even
+                # when no budget is left to nominate it.
                 if self.selected is None:
                     self.selected = pair.pair
-                self._check(pair, now, use_candidate=True)
+                if self._can_send(pair, nomination=True):
+                    self._nominating = pair
+                    self._check(pair, now, use_candidate=True)
                 return
 
     # -- ending ---------------------------------------------------------------------------

@@ -295,3 +295,38 @@ def test_check_in_flight_is_renewed_when_the_peer_checks() -> None:
     sent = [decode(data) for data, _ in caller.take_datagrams()]
     assert all(m.get(UseCandidate) is not None for m in sent)
     assert decode(dropped[0]).transaction_id not in {m.transaction_id for m in sent}
+
+
+def test_pair_that_spent_its_budget_is_still_selected_and_nominated() -> None:
+    """
+    A pair whose checks were lost until its own budget was spent, then
+    answered, is selected and nominated when the peer's check arrives: the
+    per-pair budget bounds checks, not the nomination of the pair that works.
+    """
+    config = CheckConfig(max_checks_per_pair=3, max_tries=3)
+    caller = machine(True, A, [B], config)
+    callee = machine(False, B, [A], seed=1)
+    caller.start(0.0)
+    sent = [data for data, _ in caller.take_datagrams()]
+    t = 0.0
+    while len(sent) < 3:
+        t = caller.next_deadline() or t + 0.05
+        caller.handle_timer(t)
+        sent += [data for data, _ in caller.take_datagrams()]
+    assert caller.stats.requests_sent == 3  # the pair's whole budget
+    callee.start(t)
+    callee.datagram_received(sent[-1], A, t)
+    out = callee.take_datagrams()
+    answer = next(d for d, _ in out if decode(d).message_class is MessageClass.SUCCESS)
+    their_check = next(d for d, _ in out if decode(d).message_class is MessageClass.REQUEST)
+    caller.datagram_received(answer, B, t + 0.01)
+    assert caller.pair_state(B) is PairState.SUCCEEDED
+    before = caller.selected
+    assert before is None  # not yet heard from the peer
+    caller.take_datagrams()
+    caller.datagram_received(their_check, B, t + 0.02)
+    selected = caller.selected
+    assert selected is not None
+    assert selected.remote.address == B
+    nominations = [decode(d) for d, _ in caller.take_datagrams()]
+    assert any(m.get(UseCandidate) is not None for m in nominations)
