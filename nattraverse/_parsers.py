@@ -152,9 +152,9 @@ def _checks(interval: str | None, deadline: str | None) -> Any:
     from nattraverse.punch.checks import CheckConfig
 
     default = CheckConfig()
-    return CheckConfig(
+    return CheckConfig.with_deadline(
+        _timeout(deadline, default.deadline, "punchTimeout"),
         ta=_timeout(interval, default.ta, "checkInterval"),
-        deadline=_timeout(deadline, default.deadline, "punchTimeout"),
     )
 
 

@@ -83,8 +83,10 @@ def endpoint_string(options: argparse.Namespace) -> str:
         parts.append(f"identity={escape(str(options.identity))}")
     if options.methods is not None:
         parts.append(f"methods={escape(options.methods)}")
-    if options.timeout is not None and options.listen is None:
+    if options.timeout is not None:
         parts.append(f"timeout={options.timeout!r}")
+    if options.punch_timeout is not None:
+        parts.append(f"punchTimeout={options.punch_timeout!r}")
     if options.port is not None:
         parts.append(f"port={options.port}")
     if options.access_key_file is not None:
@@ -99,6 +101,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 0 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
     return value
 
 
@@ -139,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", metavar="LIST", help="comma list of methods, e.g. direct,reversal,relay"
     )
     parser.add_argument(
-        "--timeout", type=_seconds, help="seconds to connect at most (connecting only)"
+        "--timeout",
+        type=_seconds,
+        help="seconds to connect at most; listening: seconds the first registration may take",
+    )
+    parser.add_argument(
+        "--punch-timeout",
+        type=_positive_seconds,
+        metavar="SECS",
+        help="seconds the UDP connectivity checks may take (default 10; longer on lossy paths)",
     )
     parser.add_argument(
         "--port", type=_port, help="TCP port for direct connections (listening only; 0: any)"
@@ -178,8 +195,6 @@ def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None
     if (options.peer is None) == (options.listen is None):
         parser.error("give either a PEER to connect to or --listen NAME, not both")
     if options.listen is not None:
-        if options.timeout is not None:
-            parser.error("--timeout is for connecting; a listener waits for peers")
         if options.quit_after is not None:
             parser.error("--quit-after is for connecting")
         if options.identity is None:

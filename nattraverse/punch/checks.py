@@ -57,6 +57,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,23 @@ class CheckConfig:
     max_checks_per_pair: int = 15
     max_checks: int = 150
     deadline: float = 10.0
+
+    @classmethod
+    def with_deadline(cls, deadline: float, ta: float = 0.05) -> CheckConfig:
+        """
+        The defaults with another *deadline* (and *ta*); beyond the default
+        deadline, the budgets grow in proportion (1.5 requests per pair and
+        15 in all per second), so that a long deadline on a lossy path is
+        not cut short by budgets sized for 10 seconds.
+        """
+        default = cls()
+        scale = max(deadline / default.deadline, 1.0)
+        return cls(
+            ta=ta,
+            deadline=deadline,
+            max_checks_per_pair=math.ceil(default.max_checks_per_pair * scale),
+            max_checks=math.ceil(default.max_checks * scale),
+        )
 
     def __post_init__(self) -> None:
         if self.ta <= 0 or self.rto <= 0 or self.deadline <= 0:

@@ -44,6 +44,17 @@ def test_connect_string_carries_methods_timeout_and_identity(tmp_path: Path) -> 
     assert kwargs["identity"] == str(key)
 
 
+def test_timeouts_go_to_both_roles() -> None:
+    """--timeout and --punch-timeout become timeout= and punchTimeout=, listening too."""
+    for role in (["bob"], ["--listen", "bob"]):
+        options = _options(
+            *role, "-r", "tcp:h:1", "--identity", "k", "--timeout", "90", "--punch-timeout", "30"
+        )
+        _, kwargs = _parse(natcat.endpoint_string(options))
+        assert float(kwargs["timeout"]) == 90.0
+        assert float(kwargs["punchTimeout"]) == 30.0
+
+
 def test_listen_string_has_a_default_identity(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -64,7 +75,7 @@ def test_listen_string_has_a_default_identity(
         ["alice", "--listen", "bob", "-r", "tcp:h:1"],
         ["alice", "-r", "tcp:h:1", "--echo"],
         ["alice", "-r", "tcp:h:1", "--port", "5"],
-        ["--listen", "bob", "-r", "tcp:h:1", "--timeout", "3"],
+        ["alice", "-r", "tcp:h:1", "--punch-timeout", "0"],
         ["--listen", "bob", "-r", "tcp:h:1", "--quit-after", "3"],
         ["alice", "-r", "tcp:h:1", "--timeout", "soon"],
         ["alice", "-r", "tcp:h:1", "--timeout", "-1"],

@@ -149,6 +149,16 @@ def test_check_pacing_and_punch_timeout() -> None:
     assert client.checks is not None
     assert (client.checks.ta, client.checks.deadline) == (0.02, 4.0)
     assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}").checks is None
+    # A short deadline keeps the default budgets.
+    assert (client.checks.max_checks_per_pair, client.checks.max_checks) == (15, 150)
+
+
+def test_long_punch_timeout_grows_the_check_budgets() -> None:
+    """A punchTimeout beyond 10 s grows the check budgets in proportion (or they cut it short)."""
+    client = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:punchTimeout=40")
+    assert client.checks is not None
+    assert client.checks.deadline == 40.0
+    assert (client.checks.max_checks_per_pair, client.checks.max_checks) == (60, 600)
 
 
 def test_client_identity_file_is_loaded_or_created(key_file: Path) -> None:
