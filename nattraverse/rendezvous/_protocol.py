@@ -26,6 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from nattraverse._thin_stream import mark_thin_stream
 from nattraverse._types import Endpoint
 from nattraverse.errors import (
     InvalidRequest,
@@ -399,6 +400,12 @@ class RendezvousProtocol(amp.AMP):
         self._closing = False
         self._gone: Failure | None = None
         self._loss_watchers: list[Callable[[Failure], None]] = []
+
+    def connectionMade(self) -> None:
+        # A lost request or answer is resent after linear, not exponential,
+        # timeouts: the rendezvous connection is a thin stream.
+        mark_thin_stream(self.transport)
+        super().connectionMade()  # type: ignore[no-untyped-call]
 
     # -- requests -----------------------------------------------------------
 

@@ -31,6 +31,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nattraverse._thin_stream import mark_thin_stream
 from nattraverse.errors import InvalidRequest, NatTraverseError, NotAuthenticated
 from nattraverse.identity import PeerId
 from nattraverse.rendezvous._lean_amp import LeanAMP, pushes, settle_transport
@@ -275,6 +276,8 @@ class ServerConnection(LeanAMP):
             # Introductions are small and urgent: do not let Nagle hold them
             # back until the peer acknowledges our previous answer.
             transport.setTcpNoDelay(True)
+        # ... nor TCP's exponential backoff hold a lost one back for long.
+        mark_thin_stream(transport)
         if pushes(transport):
             # Stop reading while our answers wait in the send buffer: a peer
             # that sends requests and never reads the answers then stalls

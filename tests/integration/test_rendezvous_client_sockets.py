@@ -7,6 +7,8 @@ server drops its connections.
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -15,9 +17,11 @@ import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nattraverse._thin_stream import TCP_THIN_LINEAR_TIMEOUTS, mark_thin_stream
 from nattraverse.errors import NameTaken, NotAuthenticated, PeerNotFound, RendezvousUnavailable
 from nattraverse.identity import Identity
 from nattraverse.rendezvous.client import (
@@ -201,6 +205,29 @@ async def test_session_learns_observed_address(rendezvous: Rendezvous, alice: Id
     assert session.hello.observed[1] == local.port  # type: ignore[union-attr]
     assert session.hello.relay is True
     assert session.peer_id == alice.peer_id
+
+
+def _thin(transport: Any) -> int:
+    """The TCP_THIN_LINEAR_TIMEOUTS option of *transport*'s socket."""
+    handle = transport.getHandle()
+    return int(handle.getsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux socket option")
+@pytest_twisted.ensureDeferred
+async def test_both_ends_retransmit_as_a_thin_stream(
+    rendezvous: Rendezvous, alice: Identity
+) -> None:
+    """
+    Both ends of a rendezvous connection ask for linear retransmission
+    timeouts, so that a lost message on a lossy link is not held back by
+    exponential backoff.
+    """
+    session = await rendezvous.session(alice)
+    assert _thin(session._protocol.transport) == 1
+    (server_side,) = rendezvous.service.factory.connections
+    assert _thin(server_side.transport) == 1
+    assert mark_thin_stream(StringTransport()) is False
 
 
 @pytest_twisted.ensureDeferred
