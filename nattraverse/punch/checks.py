@@ -29,9 +29,10 @@ pair not yet validated) and the nomination go out at once: they follow
 the peer's own paced checks one for one, and waiting for the next tick
 would add up to *Ta* to every connection through a symmetric NAT, whose
 working pair is only learned from the peer's check.  When our own check on
-that pair is still in flight, it is sent again at once (once per check):
-the peer's NAT, which dropped it, has just opened.  Each check is
-retransmitted after ``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
+that pair is still unanswered after one send, a new check replaces it at
+once (RFC 8445 section 7.3.1.4; an answer to the old one still counts): the
+peer's NAT, which dropped it, has just opened.  Each check is retransmitted
+after ``rto``, ``2 rto``, ``4 rto``... (RFC 8489 section 6.2.1, shortened) up
 to ``max_tries`` sends, and times out ``rm * rto`` after the last.  A
 timed-out pair is checked again later while its budget lasts (the peer's
 NAT may open meanwhile).  Requests sent are bounded per pair and in total;
