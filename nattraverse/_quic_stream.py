@@ -108,9 +108,9 @@ class _PinnedConnection(QuicConnection):
         one ACK is lost while the peer's congestion window is full, the peer
         learns of it only from its own probes, whose timeout doubles at each
         loss; at a third of the packets lost it stalled for minutes (see
-        ``test_lost_acknowledgement_is_repeated``).  Repeating the acknowledgements
-        on our own probes and keepalives, as every TCP segment carries the
-        cumulative ACK, ends that (RFC 9000 section 13.2.3 sends older ranges
+        ``test_lost_acknowledgement_is_repeated``).  Repeating them on what
+        our timers send (probes, keepalives, paced data), as every TCP
+        segment carries the cumulative ACK, ends that (RFC 9000 section 13.2.3 sends older ranges
         again for this very reason).
         """
         spaces: dict[tls.Epoch, QuicPacketSpace] = getattr(self, "_spaces", {})

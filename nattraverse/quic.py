@@ -359,8 +359,9 @@ class QuicPath:
             self._close(QuicErrorCode.CONNECTION_REFUSED, "handshake timeout")
             return
         if self._connection is not None:
-            # Our probes and keepalives repeat the acknowledgements, so a
-            # lost ACK cannot leave the peer backing off for minutes.
+            # Whatever this timer makes us send (a probe, a keepalive, paced
+            # data) repeats the acknowledgements, so a lost ACK cannot leave
+            # the peer backing off for minutes.
             self._connection.repeat_acknowledgements(now)
         if self._next_ping is not None and now >= self._next_ping:
             self._ping_uid += 1

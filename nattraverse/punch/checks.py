@@ -153,9 +153,9 @@ class CheckConfig:
     deadline: float = 10.0
 
     @classmethod
-    def with_deadline(cls, deadline: float, ta: float = 0.05) -> CheckConfig:
+    def with_deadline(cls, deadline: float, ta: float | None = None) -> CheckConfig:
         """
-        The defaults with another *deadline* (and *ta*); beyond the default
+        The defaults with another *deadline* (and *ta*, if given); beyond the default
         deadline, the budgets grow in proportion (1.5 requests per pair and
         15 in all per second), so that a long deadline on a lossy path is
         not cut short by budgets sized for 10 seconds.
@@ -163,7 +163,7 @@ class CheckConfig:
         default = cls()
         scale = max(deadline / default.deadline, 1.0)
         return cls(
-            ta=ta,
+            ta=default.ta if ta is None else ta,
             deadline=deadline,
             max_checks_per_pair=math.ceil(default.max_checks_per_pair * scale),
             max_checks=math.ceil(default.max_checks * scale),
