@@ -122,12 +122,16 @@ def _wait_for_tcp(
 
 @contextmanager
 def rendezvous(
-    server: PublicHost, directory: Path, *, timeout: float = STARTUP_TIMEOUT
+    server: PublicHost,
+    directory: Path,
+    *args: str,
+    timeout: float = STARTUP_TIMEOUT,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """
     ``twistd natrendezvous`` on *server* (which has :data:`RENDEZVOUS_ADDRESS`),
     STUN and rendezvous on that address, logging to *directory*/twistd.log;
-    yielded once it accepts connections, stopped afterwards.
+    yielded once it accepts connections, stopped afterwards.  *args* are
+    further ``natrendezvous`` options.
     """
     log = directory / "twistd.log"
     process = server.popen(
@@ -137,6 +141,7 @@ def rendezvous(
             "natrendezvous",
             "--stun-interface", RENDEZVOUS_ADDRESS,
             "--listen", f"tcp:{RENDEZVOUS_PORT}:interface={RENDEZVOUS_ADDRESS}",
+            *args,
         ],
         env=repo_environment(),
         cwd=str(directory),
@@ -233,6 +238,7 @@ def _call(
     *,
     caller_args: Sequence[str],
     callee_args: Sequence[str],
+    rendezvous_args: Sequence[str] = (),
     echo: bool,
     verbose: bool,
     quit_after: float,
@@ -249,7 +255,7 @@ def _call(
         *(["--verbose"] if verbose else []), *caller_args,
     )  # fmt: skip
     with (
-        rendezvous(server, directory, timeout=startup_timeout),
+        rendezvous(server, directory, *rendezvous_args, timeout=startup_timeout),
         listener(
             callee, directory, *callee_args, echo=echo, verbose=verbose, timeout=startup_timeout
         ) as callee_side,
@@ -292,6 +298,7 @@ def echo_through(
     *,
     caller_args: Sequence[str] = (),
     callee_args: Sequence[str] = (),
+    rendezvous_args: Sequence[str] = (),
     payload_size: int = PAYLOAD_SIZE,
     verbose: bool = True,
     quit_after: float = QUIT_AFTER,
@@ -305,6 +312,7 @@ def echo_through(
 
     :param caller_args: Extra arguments of the caller's natcat.
     :param callee_args: Extra arguments of the callee's natcat.
+    :param rendezvous_args: Extra arguments of ``twistd natrendezvous``.
     :param quit_after: The caller's ``--quit-after``: seconds without data
         after which it closes, once its standard input is at its end (more
         than the longest stall of the path, or the echo is cut short).
@@ -320,6 +328,7 @@ def echo_through(
         payload,
         caller_args=caller_args,
         callee_args=callee_args,
+        rendezvous_args=rendezvous_args,
         echo=True,
         verbose=verbose,
         quit_after=quit_after,
