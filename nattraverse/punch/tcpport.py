@@ -38,8 +38,11 @@ sent its own SYN yet, that listener takes it: the connecting side's
 
 ``connect(..., ttl=n)`` sends the SYN with ``IP_TTL`` *n* (low-TTL priming,
 as in STUNT and NATBlaster): enough to open the own NAT's mapping, too
-little to reach the peer's NAT.  The default TTL is restored once connected,
-before the reactor gets the socket.
+little to reach the peer's NAT.  The SYN leaves inside the ``connect()``
+system call, so the default TTL is restored right after it: a retransmitted
+SYN, or the SYN-ACK of a simultaneous open, reaches the peer.  Linux ends a
+connect whose SYN drew an ICMP Time Exceeded (``EHOSTUNREACH``) at once;
+the NAT's mapping stays.
 """
 
 from __future__ import annotations
@@ -192,6 +195,11 @@ class _Attempt:
                 self._saved_ttl = self._sock.getsockopt(*_ttl_option(self._family))
                 self._sock.setsockopt(*_ttl_option(self._family), self._ttl)
             number = self._sock.connect_ex(self._remote)
+            if self._saved_ttl is not None:
+                # The SYN left inside connect(): every later segment (a
+                # retransmitted SYN, the SYN-ACK of a simultaneous open)
+                # carries the default TTL and reaches the peer.
+                self._sock.setsockopt(*_ttl_option(self._family), self._saved_ttl)
         except OSError as e:
             self._fail(_os_error(e))
             return
@@ -240,8 +248,6 @@ class _Attempt:
         assert self._sock is not None
         adopting = _Adopting(self._factory)
         try:
-            if self._saved_ttl is not None:
-                self._sock.setsockopt(*_ttl_option(self._family), self._saved_ttl)
             self._reactor.adoptStreamConnection(self._sock.fileno(), self._family, adopting)
         except Exception as e:
             transport = getattr(adopting.protocol, "transport", None)
@@ -364,6 +370,16 @@ class SharedTcpPort:
             raise RuntimeError("SharedTcpPort.port is known only after bind()")
         return self._address[1]
 
+    @property
+    def family(self) -> socket.AddressFamily:
+        """``AF_INET`` or ``AF_INET6``: the family of the interface it binds."""
+        return self._family
+
+    @property
+    def interface(self) -> str:
+        """The local address it binds (``"0.0.0.0"``: every IPv4 address)."""
+        return self._interface
+
     def listen(self, factory: IProtocolFactory, backlog: int = 50) -> IListeningPort:
         """
         Listen on the shared port (binding it first if needed).
@@ -416,8 +432,8 @@ class SharedTcpPort:
         :param remote: ``(ip, port)``; an IP literal of the port's family.
         :param timeout: seconds before failing with
             :class:`~twisted.internet.error.TimeoutError`.
-        :param ttl: the ``IP_TTL`` (hop limit) of the SYN, for low-TTL
-            priming; the default is restored once connected.
+        :param ttl: the ``IP_TTL`` (hop limit) of the first SYN, for
+            low-TTL priming; every later segment has the default.
         :return: fires with the protocol *factory* built, after its
             ``makeConnection``; fails with ``ConnectionRefusedError``,
             ``NoRouteError``, ``TimeoutError`` or ``ConnectError`` (naming the

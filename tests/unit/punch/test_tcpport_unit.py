@@ -172,15 +172,43 @@ def test_timeout_closes_and_unwatches(reactor: Any, listener: int) -> None:
     succeeded(shared.close())
 
 
-def test_low_ttl_is_set_while_connecting(reactor: Any, listener: int) -> None:
-    """The SYN's socket carries the asked TTL until connected."""
+class _Recording(socket.socket):
+    """A socket that logs its TTL changes and its connect."""
+
+    log: list[tuple[str, int]]
+
+    def setsockopt(self, level: int, name: int, value: Any, *rest: Any) -> None:
+        if (level, name) == (socket.IPPROTO_IP, socket.IP_TTL):
+            self.log.append(("ttl", value))
+        super().setsockopt(level, name, value, *rest)
+
+    def connect_ex(self, address: Any) -> int:
+        self.log.append(("connect", self.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)))
+        return super().connect_ex(address)
+
+
+def test_low_ttl_is_only_the_first_syns(
+    reactor: Any, listener: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SYN sent inside connect() has the asked TTL; the default is back right after."""
+    made: list[_Recording] = []
+
+    def recording(family: socket.AddressFamily) -> socket.socket:
+        sock = _Recording(family, socket.SOCK_STREAM)
+        sock.log = []
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        made.append(sock)
+        return sock
+
+    monkeypatch.setattr("nattraverse.punch.tcpport._reuse_socket", recording)
     shared = SharedTcpPort(reactor, LOCALHOST)
+    shared.bind()
     d = shared.connect((LOCALHOST, listener), Factory(), timeout=3, ttl=2)
-    dup = socket.fromfd(_pending(reactor).fileno(), socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        assert dup.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 2
-    finally:
-        dup.close()
+    sock = made[-1]
+    default = socket.socket().getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+    assert sock.log == [("ttl", 2), ("connect", 2), ("ttl", default)]
     d.cancel()
     failed(d, CancelledError)
     succeeded(shared.close())
