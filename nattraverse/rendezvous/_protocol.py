@@ -119,6 +119,10 @@ class PeerInfo:
         never as claimed), ``None`` when it has not bound one.
     :ivar udp_private: The host addresses of that socket it announced
         (hints only).
+    :ivar tcp_private: The host addresses of its TCP punching port (the
+        local port its rendezvous connection comes from, which it also
+        accepts on) it announced (hints only); empty when it does not punch
+        TCP.
     """
 
     peer_id: PeerId
@@ -128,6 +132,19 @@ class PeerInfo:
     private: tuple[tuple[str, int], ...]
     udp: Endpoint | None = None
     udp_private: tuple[Endpoint, ...] = ()
+    tcp_private: tuple[Endpoint, ...] = ()
+
+    @property
+    def tcp_candidates(self) -> tuple[Endpoint, ...]:
+        """
+        The peer's TCP punching candidates: empty when it does not punch TCP
+        (:attr:`tcp_private` is empty), else its :attr:`observed` address
+        (server-reflexive: its rendezvous connection comes from its TCP
+        punching port) first, then :attr:`tcp_private`, without repeats.
+        """
+        if not self.tcp_private:
+            return ()
+        return tuple(dict.fromkeys((Endpoint(*self.observed), *self.tcp_private)))
 
 
 @dataclass(frozen=True)
@@ -236,6 +253,13 @@ def peer_info(fields: Mapping[str, Any], where: str) -> PeerInfo:
             Endpoint(host, port)
             for host, port in check_candidates(
                 fields.get("udp_private", ()), f"{where}.udp_private"
+            )
+        ),
+        # Optional on the wire: absent (None) from a server that predates it.
+        tcp_private=tuple(
+            Endpoint(host, port)
+            for host, port in check_candidates(
+                fields.get("tcp_private") or (), f"{where}.tcp_private"
             )
         ),
     )
@@ -590,6 +614,7 @@ class RendezvousProtocol(amp.AMP):
         udp_port: int,
         udp_private: list[dict[str, Any]],
         methods: list[str],
+        tcp_private: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         handler = self._require_handler("Introduce")
         introduction = Introduction(
@@ -606,6 +631,7 @@ class RendezvousProtocol(amp.AMP):
                     "udp_host": udp_host,
                     "udp_port": udp_port,
                     "udp_private": udp_private,
+                    "tcp_private": tcp_private,
                 },
                 "Introduce",
             ),

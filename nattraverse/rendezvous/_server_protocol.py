@@ -187,6 +187,7 @@ class RendezvousServerProtocol(ServerConnection):
         listen_port: int,
         private: list[dict[str, Any]],
         udp_private: list[dict[str, Any]] | None = None,
+        tcp_private: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """``Register``: bind a name to this connection's peer id."""
         assert self.peer_id is not None
@@ -197,6 +198,7 @@ class RendezvousServerProtocol(ServerConnection):
             check_port(listen_port, "listen_port"),
             tuple(check_candidates(private)),
             tuple(check_candidates(udp_private or (), "udp_private")),
+            tuple(check_candidates(tcp_private or (), "tcp_private")),
         )
         server = self.server
         registry = server.registry
@@ -235,6 +237,7 @@ class RendezvousServerProtocol(ServerConnection):
         private: list[dict[str, Any]],
         methods: list[str],
         udp_private: list[dict[str, Any]] | None = None,
+        tcp_private: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """``Connect``: introduce this peer and the callee to each other."""
         caller = self.peer_id
@@ -242,6 +245,7 @@ class RendezvousServerProtocol(ServerConnection):
         port = check_port(listen_port, "listen_port")
         candidates = check_candidates(private)
         udp_candidates = check_candidates(udp_private or (), "udp_private")
+        tcp_candidates = check_candidates(tcp_private or (), "tcp_private")
         wanted = check_methods(methods)
         registration, callee = self._find(peer)
         server = self.server
@@ -273,6 +277,7 @@ class RendezvousServerProtocol(ServerConnection):
             udp_host=udp.host if udp is not None else "",
             udp_port=udp.port if udp is not None else 0,
             udp_private=encode_candidates(udp_candidates),
+            tcp_private=encode_candidates(tcp_candidates),
             methods=wanted,
         )
         if not sent:
@@ -417,4 +422,5 @@ def _peer_fields(registration: Registration, contact: RendezvousServerProtocol) 
         "udp_host": udp.host if udp is not None else "",
         "udp_port": udp.port if udp is not None else 0,
         "udp_private": encode_candidates(record.udp_private),
+        "tcp_private": encode_candidates(record.tcp_private),
     }

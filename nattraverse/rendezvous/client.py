@@ -220,6 +220,7 @@ class RendezvousSession:
         private: Sequence[tuple[str, int]],
         *,
         udp_private: Sequence[tuple[str, int]] = (),
+        tcp_private: Sequence[tuple[str, int]] = (),
     ) -> Deferred[float]:
         """
         Bind *name* to this peer's id (``Register``).
@@ -230,6 +231,9 @@ class RendezvousSession:
             :data:`~nattraverse.rendezvous.commands.MAX_CANDIDATES`).
         :param udp_private: The host addresses of this peer's punching UDP
             socket (as many at most).
+        :param tcp_private: The host addresses of this peer's TCP punching
+            port (as many at most), the local port this session's connection
+            comes from; empty when this peer does not punch TCP.
         :returns: A Deferred of the registration's TTL in seconds; it fails
             with :class:`~nattraverse.errors.NameTaken` when another key
             holds the name.
@@ -240,6 +244,7 @@ class RendezvousSession:
                 "listen_port": check_port(listen_port, "listen_port"),
                 "private": check_private(private),
                 "udp_private": check_private(udp_private, "udp_private"),
+                "tcp_private": check_private(tcp_private, "tcp_private"),
             }
         except InvalidRequest as e:
             return fail(e)
@@ -278,6 +283,7 @@ class RendezvousSession:
         methods: Sequence[str],
         *,
         udp_private: Sequence[tuple[str, int]] = (),
+        tcp_private: Sequence[tuple[str, int]] = (),
     ) -> Deferred[Introduction]:
         """
         Ask to be introduced to *peer*, a name or a peer id (``Connect``);
@@ -290,6 +296,9 @@ class RendezvousSession:
         :param methods: The methods this peer will try.
         :param udp_private: The host addresses of this peer's punching UDP
             socket.
+        :param tcp_private: The host addresses of this peer's TCP punching
+            port, the local port this session's connection comes from; empty
+            when this peer does not punch TCP.
         :returns: A Deferred of the :class:`Introduction`; it fails with
             :class:`~nattraverse.errors.PeerNotFound` when no live
             registration has that name or id.
@@ -302,6 +311,7 @@ class RendezvousSession:
                 "private": check_private(private),
                 "methods": check_methods(methods),
                 "udp_private": check_private(udp_private, "udp_private"),
+                "tcp_private": check_private(tcp_private, "tcp_private"),
             }
         except InvalidRequest as e:
             return fail(e)

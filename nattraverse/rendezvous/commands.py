@@ -108,6 +108,8 @@ _PEER_FIELDS: list[tuple[bytes, amp.Argument]] = [
     (b"udp_host", amp.Unicode()),
     (b"udp_port", amp.Integer()),
     (b"udp_private", _candidates()),
+    # Optional: a server from before TCP punching does not send it.
+    (b"tcp_private", _candidates(optional=True)),
 ]
 
 
@@ -168,8 +170,11 @@ class Register(amp.Command):
     *listen_port* is the TCP port it accepts direct connections on (0:
     none), *private* its private addresses (hints only, at most
     :data:`MAX_CANDIDATES`), *udp_private* the host addresses of its
-    punching UDP socket (hints too; absent means none).  The answer is the
-    registration's TTL in seconds; ``Refresh`` before it runs out.
+    punching UDP socket (hints too; absent means none), *tcp_private* the
+    host addresses of its TCP punching port, the local port this connection
+    comes from (hints too; absent means this peer does not punch TCP, see
+    ``docs/protocol.rst``).  The answer is the registration's TTL in
+    seconds; ``Refresh`` before it runs out.
     """
 
     commandName = b"Register"
@@ -178,6 +183,7 @@ class Register(amp.Command):
         (b"listen_port", amp.Integer()),
         (b"private", _candidates()),
         (b"udp_private", _candidates(optional=True)),
+        (b"tcp_private", _candidates(optional=True)),
     ]
     response = [(b"ttl", amp.Float())]
     errors = _errors(NameTaken)
@@ -198,7 +204,9 @@ class Lookup(amp.Command):
     """
     What the server knows of a registered peer, by name or peer id.  Its
     ``udp_host`` and ``udp_port`` are the address the STUN service last
-    observed the peer's bound UDP socket at (empty and 0 when none).
+    observed the peer's bound UDP socket at (empty and 0 when none).  When
+    its ``tcp_private`` is not empty the peer punches TCP and its observed
+    address is its server-reflexive TCP punching candidate.
     """
 
     commandName = b"Lookup"
@@ -214,9 +222,12 @@ class Connect(amp.Command):
     callee ``Introduce`` with the caller's; both get the same fresh
     *session* id and *secret*.  *listen_port* is the caller's port for
     connection reversal (0: none); *udp_private* the host addresses of its
-    punching UDP socket (absent means none); *methods* the methods the
-    caller will try.  Each side's ``udp_host``/``udp_port`` is the address
-    the STUN service observed its bound UDP socket at, as of this moment.
+    punching UDP socket (absent means none); *tcp_private* the host
+    addresses of its TCP punching port, the local port this connection
+    comes from (absent means it does not punch TCP); *methods* the methods
+    the caller will try.  Each side's ``udp_host``/``udp_port`` is the
+    address the STUN service observed its bound UDP socket at, as of this
+    moment.
     """
 
     commandName = b"Connect"
@@ -226,6 +237,7 @@ class Connect(amp.Command):
         (b"private", _candidates()),
         (b"methods", amp.ListOf(amp.Unicode())),
         (b"udp_private", _candidates(optional=True)),
+        (b"tcp_private", _candidates(optional=True)),
     ]
     response = [
         (b"session", amp.String()),

@@ -140,8 +140,11 @@ class Registration(Service):
         callers).
     :param udp_keepalive: Seconds between bindings of *udp*, above 0 and
         at most :data:`MAX_UDP_KEEPALIVE`.
-    :raises InvalidRequest: when *name*, *listen_port*, *private* or
-        *udp_private* could not be registered.
+    :param tcp_private: The host addresses of this peer's TCP punching port
+        (hints for callers): the local port *endpoint* connects from, which
+        this peer also accepts on; empty when this peer does not punch TCP.
+    :raises InvalidRequest: when *name*, *listen_port*, *private*,
+        *udp_private* or *tcp_private* could not be registered.
     :raises ValueError: when *timeout* is not a positive number of seconds,
         or *udp_keepalive* is out of range.
 
@@ -168,12 +171,16 @@ class Registration(Service):
         udp: StunDemultiplexer | None = None,
         udp_private: Sequence[tuple[str, int]] = (),
         udp_keepalive: float = 15.0,
+        tcp_private: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.peer_name = check_name(name)
         self.listen_port = check_port(listen_port, "listen_port")
         self.private = tuple(check_candidates([{"host": h, "port": p} for h, p in private]))
         self.udp_private = tuple(
             check_candidates([{"host": h, "port": p} for h, p in udp_private], "udp_private")
+        )
+        self.tcp_private = tuple(
+            check_candidates([{"host": h, "port": p} for h, p in tcp_private], "tcp_private")
         )
         self.udp_keepalive = _check_keepalive(udp_keepalive)
         self.where = describe_endpoint(endpoint)
@@ -299,7 +306,11 @@ class Registration(Service):
                 if self._udp is not None:
                     await self._first_binding(session, self._udp)
                 ttl = await session.register(
-                    self.peer_name, self.listen_port, self.private, udp_private=self.udp_private
+                    self.peer_name,
+                    self.listen_port,
+                    self.private,
+                    udp_private=self.udp_private,
+                    tcp_private=self.tcp_private,
                 )
             except BaseException:
                 session.close()

@@ -50,6 +50,10 @@ class PeerRecord(NamedTuple):
         claims, as ``(host, port)``; hints only.  (Its server-reflexive UDP
         address is not recorded here: it is whatever the STUN service last
         observed for the connection, read when it is asked for.)
+    :ivar tcp_private: The host addresses of its TCP punching port it
+        claims, as ``(host, port)``; hints only.  Not empty means it punches
+        TCP from the port its connection comes from, so *observed_host* and
+        *observed_port* are that port's server-reflexive address.
     """
 
     observed_host: str
@@ -57,6 +61,7 @@ class PeerRecord(NamedTuple):
     listen_port: int
     private: tuple[tuple[str, int], ...]
     udp_private: tuple[tuple[str, int], ...] = ()
+    tcp_private: tuple[tuple[str, int], ...] = ()
 
 
 class Registration:

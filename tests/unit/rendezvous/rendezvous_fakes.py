@@ -160,10 +160,11 @@ class FakeServer(amp.AMP):
         listen_port: int,
         private: list[dict[str, Any]],
         udp_private: list[dict[str, Any]] | None = None,
+        tcp_private: list[dict[str, Any]] | None = None,
     ) -> Any:
         return self.answer(
             b"Register", {"ttl": self.script.ttl}, name=name, listen_port=listen_port,
-            private=private, udp_private=udp_private,
+            private=private, udp_private=udp_private, tcp_private=tcp_private,
         )  # fmt: skip
 
     @Refresh.responder
@@ -182,10 +183,11 @@ class FakeServer(amp.AMP):
         private: list[dict[str, Any]],
         methods: list[str],
         udp_private: list[dict[str, Any]] | None = None,
+        tcp_private: list[dict[str, Any]] | None = None,
     ) -> Any:
         return self.answer(
             b"Connect", dict(self.script.connect), peer=peer, listen_port=listen_port,
-            private=private, methods=methods, udp_private=udp_private,
+            private=private, methods=methods, udp_private=udp_private, tcp_private=tcp_private,
         )  # fmt: skip
 
     @Reverse.responder

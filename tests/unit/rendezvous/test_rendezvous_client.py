@@ -246,6 +246,7 @@ def test_register(session: RendezvousSession, network: Network) -> None:
             "listen_port": 7000,
             "private": [{"host": "10.0.0.2", "port": 7000}],
             "udp_private": [],
+            "tcp_private": [],
         }
     ]
 
@@ -359,6 +360,7 @@ def test_connect(session: RendezvousSession, network: Network) -> None:
             "private": [{"host": "10.0.0.2", "port": 6000}],
             "methods": ["direct", "relay"],
             "udp_private": [],
+            "tcp_private": [],
         }
     ]
 

@@ -99,6 +99,7 @@ def test_registers_on_start(registered: Registration, network: Network) -> None:
             "listen_port": 7000,
             "private": [{"host": "10.0.0.2", "port": 7000}],
             "udp_private": [],
+            "tcp_private": [],
         }
     ]
     assert registered.session is not None

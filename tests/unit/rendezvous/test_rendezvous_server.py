@@ -464,6 +464,7 @@ def test_register_and_lookup(rig: Rig) -> None:
             "udp_host": "",
             "udp_port": 0,
             "udp_private": [],
+            "tcp_private": [],
         }
 
 
