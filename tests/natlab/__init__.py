@@ -27,7 +27,10 @@ builds them.
 
 :class:`Lab`
     ``Lab(prefix=None)``, a context manager.  ``internet()``;
-    ``public_host(name, addresses=None, *, delay_ms=0, loss=0)``;
+    ``public_host(name, addresses=None, *, delay_ms=0, loss=0,
+    delay_only_to=())`` (with *delay_only_to*, IPv4 addresses such as a
+    NAT's WAN address, the delay applies only to what the host sends to
+    them; loss still to everything);
     ``nat(name, preset="port-restricted", *, wan=None, wan_address=None,
     lan=None, hairpin=False, port_preservation=True, inbound="drop",
     mapping_timeout=None, delay_ms=0, loss=0)``;
@@ -38,7 +41,8 @@ builds them.
 :class:`PublicHost`, :class:`Nat`, :class:`Host`, :class:`Internet`
     ``name``, ``namespace``, ``address`` (the first address; a NAT's WAN
     address), ``public_address`` (what the internet sees), ``delay_ms``
-    and ``loss`` of the node's uplink, ``delay_to_internet_ms``;
+    and ``loss`` of the node's uplink, ``delay_only_to``,
+    ``delay_to_internet_ms``;
     ``run(argv, timeout=30)`` and ``popen(argv)`` via ``ip netns exec``
     (processes still running are stopped when the lab closes);
     ``udp_socket(port=0, address="0.0.0.0")``, ``tcp_socket()``,

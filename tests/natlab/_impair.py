@@ -2,7 +2,10 @@
 Delay and loss on a link: ``tc netem`` where the kernel has it, otherwise a
 *wire* namespace (a two-port bridge with br_netfilter on only there) whose
 IPv4 packets are dropped with probability *loss* by nftables and held for
-*delay* by the NFQUEUE delayer of :mod:`tests.natlab.nfqueue`.
+*delay* by the NFQUEUE delayer of :mod:`tests.natlab.nfqueue`.  A public
+host's delay may apply only to what it sends to some addresses
+(``delay_only_to``): netem then sits on one band of a ``prio`` qdisc that
+``u32`` filters feed, and the wire queues only those packets.
 
 Set ``NATLAB_IMPAIR=wire`` (or ``netem``) to force a method.
 """
@@ -18,7 +21,15 @@ from typing import Protocol
 from tests.natlab._netns import program, run_tool
 from tests.natlab.errors import LabError, LabUnavailable
 
-__all__ = ["NETEM", "WIRE", "Stoppable", "impairment_method", "netem_qdisc", "start_delayers"]
+__all__ = [
+    "NETEM",
+    "WIRE",
+    "Stoppable",
+    "impairment_method",
+    "netem_qdisc",
+    "netem_qdisc_to",
+    "start_delayers",
+]
 
 NETEM = "netem"
 WIRE = "wire"
@@ -79,16 +90,52 @@ def _netem_works(namespace: str) -> bool:
 
 def netem_qdisc(interface: str, delay_ms: float, loss: float) -> str:
     """The ``tc -batch`` line that delays and loses what leaves *interface*."""
-    line = f"qdisc add dev {interface} root netem delay {delay_ms:g}ms"
+    return f"qdisc add dev {interface} root " + _netem_options(delay_ms, loss)
+
+
+def netem_qdisc_to(
+    interface: str, delay_ms: float, loss: float, destinations: Sequence[str]
+) -> list[str]:
+    """
+    The ``tc -batch`` lines that delay only the IPv4 packets leaving
+    *interface* for one of *destinations*, and lose *loss* of everything
+    leaving it: a two-band ``prio`` root whose priomap sends all to band 2
+    (``1:2``), ``u32`` filters steering those destinations to band 1
+    (``1:1``), netem with the delay (and loss) on band 1 and, only when
+    there is loss, netem with the loss alone on band 2 (else prio's
+    default FIFO).
+    """
+    lines = [
+        f"qdisc add dev {interface} root handle 1: prio bands 2 priomap {' '.join(['1'] * 16)}",
+        f"qdisc add dev {interface} parent 1:1 handle 10: " + _netem_options(delay_ms, loss),
+    ]
     if loss > 0:
-        line += f" loss {loss * 100:g}%"
-    return line + " limit 100000"
+        lines.append(f"qdisc add dev {interface} parent 1:2 handle 20: " + _netem_options(0, loss))
+    lines += [
+        f"filter add dev {interface} parent 1: protocol ip prio 1 u32 "
+        f"match ip dst {destination}/32 flowid 1:1"
+        for destination in destinations
+    ]
+    return lines
 
 
-def wire_iptables(port_a: str, port_b: str) -> str:
-    """``iptables-restore`` input that queues what a wire bridges, both ways."""
-    from tests.natlab.nfqueue import wire_rules
+def _netem_options(delay_ms: float, loss: float) -> str:
+    """``netem ...``: the qdisc and its options for *delay_ms* and *loss*."""
+    options = f"netem delay {delay_ms:g}ms"
+    if loss > 0:
+        options += f" loss {loss * 100:g}%"
+    return options + " limit 100000"
 
+
+def wire_iptables(port_a: str, port_b: str, destinations: Sequence[str] = ()) -> str:
+    """
+    ``iptables-restore`` input that queues what a wire bridges, both ways;
+    with *destinations*, only what *port_a* sends to those addresses.
+    """
+    from tests.natlab.nfqueue import wire_rules, wire_rules_to
+
+    if destinations:
+        return wire_rules_to(port_a, destinations, WIRE_QUEUE)
     return wire_rules(port_a, port_b, WIRE_QUEUE)
 
 

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from types import TracebackType
 
 from tests.natlab import _impair, _netns
@@ -108,6 +108,7 @@ class Lab:
         *,
         delay_ms: float = 0.0,
         loss: float = 0.0,
+        delay_only_to: Sequence[str] = (),
     ) -> PublicHost:
         """
         A host on the internet.
@@ -116,11 +117,18 @@ class Lab:
             first is its primary.  By default one from 192.0.2.10 on.
         :param delay_ms: One-way delay of its link to the internet.
         :param loss: Loss probability of that link, each way.
+        :param delay_only_to: IPv4 addresses (e.g. a NAT's WAN address):
+            when given, *delay_ms* delays only the IPv4 packets this host
+            sends to them; packets to other addresses and packets towards
+            it cross undelayed.  *loss* still applies to everything.
+        :raises LabError: when *delay_only_to* is given without a positive
+            *delay_ms* or holds something other than IPv4 addresses.
         """
         with self._lock:
             internet = self.internet()
             self._check_name(name)
             _check_impairment(delay_ms, loss)
+            only_to = _check_delay_only_to(delay_only_to, delay_ms)
             if isinstance(addresses, str):
                 addresses = [addresses]
             if addresses is None:
@@ -129,7 +137,7 @@ class Lab:
                 if not addresses:
                     raise LabError(f"public host {name} needs at least one address")
                 claimed = [internet.segment.claim(a) for a in addresses]
-            node = PublicHost(self, name, claimed, delay_ms, loss)
+            node = PublicHost(self, name, claimed, delay_ms, loss, only_to)
             self._new_namespace(node.namespace, COMMON_SYSCTLS)
             eth = f"{self.prefix}-eth0"
             self._attach(node, eth, internet.segment)
@@ -452,11 +460,19 @@ class Lab:
             if node.loss > 0:
                 plan.nft[wire] = wire_ruleset(node.loss)
             if node.delay_ms > 0:
-                plan.iptables[wire] = _impair.wire_iptables(a, b)
+                # Port a faces the node: with delay_only_to, only what it
+                # sends to those addresses is queued.
+                plan.iptables[wire] = _impair.wire_iptables(a, b, node.delay_only_to)
                 plan.delayers.append((wire, node.delay_ms))
         else:
             plan.links.append(self._veth(interface, node.namespace, port, segment.namespace))
-            if method == _impair.NETEM:
+            if method == _impair.NETEM and node.delay_only_to:
+                plan.tc[node.namespace] += _impair.netem_qdisc_to(
+                    interface, node.delay_ms, node.loss, node.delay_only_to
+                )
+                if node.loss > 0:
+                    plan.tc[segment.namespace].append(_impair.netem_qdisc(port, 0, node.loss))
+            elif method == _impair.NETEM:
                 line = _impair.netem_qdisc
                 plan.tc[node.namespace].append(line(interface, node.delay_ms, node.loss))
                 plan.tc[segment.namespace].append(line(port, node.delay_ms, node.loss))
@@ -475,6 +491,25 @@ def _check_impairment(delay_ms: float, loss: float) -> None:
         raise LabError(f"delay_ms must be 0-10000, not {delay_ms}")
     if not 0 <= loss < 1:
         raise LabError(f"loss must be at least 0 and below 1, not {loss}")
+
+
+def _check_delay_only_to(addresses: Sequence[str], delay_ms: float) -> tuple[str, ...]:
+    """*addresses* (one string is one address) as IPv4 literals, checked against *delay_ms*."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    if not addresses:
+        return ()
+    if not delay_ms > 0:
+        raise LabError(f"delay_only_to needs delay_ms > 0, not {delay_ms}")
+    checked: dict[str, None] = {}
+    for address in addresses:
+        try:
+            if not isinstance(address, str):
+                raise ValueError(address)
+            checked[str(IPv4Address(address))] = None
+        except ValueError:
+            raise LabError(f"delay_only_to: {address!r} is not an IPv4 address") from None
+    return tuple(checked)
 
 
 def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:

@@ -94,8 +94,9 @@ python -I .../nfqueue.py ...``: ``ip`` execs, so the PID is the delayer's),
 waits (bounded) for the ``ready`` line it prints once bound, and returns a
 :class:`Delayer` whose :meth:`~Delayer.stop` signals that PID.
 :func:`install_wire_rules` feeds the queues; :func:`wire_rules` is its
-``iptables-restore`` input.  On the command line, from the repository
-root::
+``iptables-restore`` input (:func:`wire_rules_to` the variant that queues
+only what one port sends to given addresses).  On the command line, from
+the repository root::
 
     python -m tests.natlab.nfqueue --queue N --delay-ms D \\
         [--jitter-ms J] [--loss P] [--seed S] [--max-len L]
@@ -710,6 +711,22 @@ def wire_rules(port_a: str, port_b: str, queue_ab: int, queue_ba: int | None = N
         f"-A FORWARD -m physdev --physdev-in {port_b} -j NFQUEUE --queue-num {back}\n"
         "COMMIT\n"
     )
+
+
+def wire_rules_to(port_a: str, destinations: Sequence[str], queue: int) -> str:
+    """
+    ``iptables-restore`` input for a wire namespace that queues, to queue
+    *queue*, only the IPv4 packets the bridge forwards from *port_a* to one
+    of *destinations* (IPv4 addresses): everything else, and all that comes
+    from the other port, crosses at once.  Like :func:`wire_rules`, it
+    replaces the namespace's whole ``filter`` table.
+    """
+    rules = "".join(
+        f"-A FORWARD -m physdev --physdev-in {port_a} -d {destination}/32 "
+        f"-j NFQUEUE --queue-num {queue}\n"
+        for destination in destinations
+    )
+    return f"*filter\n{rules}COMMIT\n"
 
 
 def install_wire_rules(

@@ -137,11 +137,15 @@ class Node(_Namespace):
     :ivar address: Its (first) IPv4 address.
     :ivar delay_ms: The one-way delay of its uplink, milliseconds.
     :ivar loss: The loss probability of its uplink, each way.
+    :ivar delay_only_to: The destinations to which alone *delay_ms*
+        applies, on what the node sends (public hosts only); empty: the
+        delay applies to everything, both ways.
     """
 
     address: str
     delay_ms: float
     loss: float
+    delay_only_to: tuple[str, ...] = ()
     upstream: Internet | Nat
 
     @property
@@ -151,7 +155,10 @@ class Node(_Namespace):
 
     @property
     def delay_to_internet_ms(self) -> float:
-        """One-way delay from this node to the internet bridge, milliseconds."""
+        """
+        One-way delay from this node to the internet bridge, milliseconds
+        (with :attr:`delay_only_to`, only towards those addresses).
+        """
         return self.delay_ms + self.upstream.delay_to_internet_ms
 
 
@@ -159,7 +166,13 @@ class PublicHost(Node):
     """A host on the internet with one or more public addresses."""
 
     def __init__(
-        self, lab: Lab, name: str, addresses: Sequence[str], delay_ms: float, loss: float
+        self,
+        lab: Lab,
+        name: str,
+        addresses: Sequence[str],
+        delay_ms: float,
+        loss: float,
+        delay_only_to: Sequence[str] = (),
     ) -> None:
         super().__init__(lab, name)
         self.addresses = tuple(addresses)
@@ -167,6 +180,7 @@ class PublicHost(Node):
         self.upstream = lab.internet()
         self.delay_ms = delay_ms
         self.loss = loss
+        self.delay_only_to = tuple(delay_only_to)
 
     @property
     def public_address(self) -> str:
