@@ -118,6 +118,23 @@ class _PinnedConnection(QuicConnection):
         if space is not None and len(space.ack_queue) and space.ack_at is None:
             space.ack_at = now
 
+    def in_flight(self) -> bool:
+        """Whether packets this side sent wait for the peer's acknowledgement."""
+        recovery = getattr(self, "_loss", None)
+        return bool(getattr(recovery, "bytes_in_flight", 0))
+
+    def probe(self) -> None:
+        """
+        Send a probe PING with the next datagrams, as a probe timeout does:
+        it may exceed the congestion window (RFC 9002 section 7), which a
+        full window of lost packets would otherwise keep shut.
+        """
+        send_probe = getattr(self, "_send_probe", None)
+        if send_probe is not None:
+            send_probe()
+        else:  # an aioquic without it: a PING that waits for the window
+            self.send_ping(0)
+
     def sent_fin_acknowledged(self, stream_id: int) -> bool:
         """
         Whether the peer has acknowledged everything, FIN included, on a

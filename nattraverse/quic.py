@@ -94,6 +94,9 @@ _log = Logger()
 ALPN: Final = "nattraverse"
 #: What the caller sends first on the stream it picks.
 SELECTION_BYTE: Final = b"\x01"
+#: Seconds without a datagram, while packets await acknowledgement, before a
+#: PING probes the path (see ``QuicPath._stall_probe_at``).
+STALL_PROBE: Final = 1.0
 #: The longest idle timeout allowed: a dead path is reported within it.
 MAX_IDLE_TIMEOUT: Final = 30.0
 #: Seconds added to the time aioquic's timer is handled at (see ``_fire``).
@@ -225,6 +228,9 @@ class QuicPath:
         self._handshake_deadline: float | None = None
         self._next_ping: float | None = None
         self._ping_uid = 0
+        #: When the last datagram arrived, and the last stall probe left.
+        self._last_received = 0.0
+        self._last_probe = 0.0
         self._refusal: PeerAuthenticationFailed | None = None
         self._local_reason: Failure | None = None
         self._terminated = False
@@ -299,7 +305,8 @@ class QuicPath:
                 configuration=self._configuration,
                 original_destination_connection_id=header.destination_cid,
             )
-        self._quic.receive_datagram(data, address, now=self._reactor.seconds())
+        self._last_received = self._reactor.seconds()
+        self._quic.receive_datagram(data, address, now=self._last_received)
         self._flush()
 
     def _flush(self) -> None:
@@ -326,6 +333,7 @@ class QuicPath:
                 self._connection.get_timer() if self._connection is not None else None,
                 self._handshake_deadline,
                 self._next_ping,
+                self._stall_probe_at(),
             )
             if t is not None
         ]
@@ -337,6 +345,24 @@ class QuicPath:
             self._timer.reset(delay)
         else:
             self._timer = self._reactor.callLater(delay, self._fire)
+
+    def _stall_probe_at(self) -> float | None:
+        """
+        When to send a stall probe: :data:`STALL_PROBE` seconds after the
+        last datagram arrived (or the last probe left) while packets await
+        acknowledgement, once authenticated.
+
+        aioquic's own probe timeout doubles at each loss without limit; at
+        half the packets lost a few probes lost in a row left a path silent
+        for longer than the idle timeout.  A PING is ack-eliciting: its ACK
+        resets that backoff and lets loss detection resend what was lost,
+        so the gap between probes stays bounded (as TCP bounds its RTO).
+        """
+        if self._next_ping is None or self._connection is None:
+            return None
+        if not self._connection.in_flight():
+            return None
+        return max(self._last_received, self._last_probe) + STALL_PROBE
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -363,6 +389,10 @@ class QuicPath:
             # data) repeats the acknowledgements, so a lost ACK cannot leave
             # the peer backing off for minutes.
             self._connection.repeat_acknowledgements(now)
+        stall = self._stall_probe_at()
+        if stall is not None and now >= stall:
+            self._last_probe = now
+            self._quic.probe()
         if self._next_ping is not None and now >= self._next_ping:
             self._ping_uid += 1
             self._quic.send_ping(self._ping_uid)
