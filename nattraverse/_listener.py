@@ -19,6 +19,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
@@ -62,8 +63,6 @@ MAX_PENDING = 256
 MAX_UNSECURED = 64
 #: Seconds a direct connection is held for the introduction its preamble names.
 HOLD_TIME = 5.0
-#: Seconds the rendezvous may take to answer any one request.
-RENDEZVOUS_TIMEOUT = 10.0
 
 _SIOCGIFADDR = 0x8915
 
@@ -233,15 +232,19 @@ class _Held(Protocol):
 
 
 class _DirectFactory(Factory):
-    """The direct port's factory: a held callee path per connection."""
+    """
+    The factory of the direct port and of the TCP punching port: a held
+    callee path per connection, labelled with *method*.
+    """
 
     noisy = False
 
-    def __init__(self, listener: PunchListener) -> None:
+    def __init__(self, listener: PunchListener, method: str) -> None:
         self._listener = listener
+        self._method = method
 
     def buildProtocol(self, addr: IAddress | None) -> _Held | None:
-        return self._listener._accept(addr)
+        return self._listener._accept(addr, self._method)
 
 
 @implementer(IRendezvousHandler)
@@ -297,6 +300,7 @@ class PunchListener:
         self._accepted: dict[SecurePath, _Held] = {}
         self._held: dict[bytes, list[_Held]] = {}
         self._tcp: Any = None
+        self._punching: Any = None
         self._registration: Registration | None = None
         self._stopping: Deferred[None] | None = None
 
@@ -314,26 +318,40 @@ class PunchListener:
             listen_port = 0
             if self._direct_method is not None:
                 self._tcp = self._reactor.listenTCP(
-                    self._port_number, _DirectFactory(self), interface=self._interface
+                    self._port_number,
+                    _DirectFactory(self, self._direct_method),
+                    interface=self._interface,
                 )
                 listen_port = self._tcp.getHost().port
             addresses = _announced(self._interface) if self._private is None else self._private
             private = [(host, listen_port) for host in addresses] if listen_port else []
+            rendezvous = self._rendezvous
+            tcp_private: list[tuple[str, int]] = []
+            punching = next(
+                (m.name for m in self._methods if getattr(m, "uses_tcp_port", False)), None
+            )
+            if punching is not None:
+                rendezvous, tcp_private = self._open_tcp(punching, addresses)
             udp_private: list[tuple[str, int]] = []
             if any(getattr(method, "uses_udp", False) for method in self._methods):
                 udp_private = self._open_udp(addresses)
             self._registration = Registration(
                 self._reactor,
-                self._rendezvous,
+                rendezvous,
                 self._identity,
                 self._name,
                 listen_port=listen_port,
                 private=private[:MAX_CANDIDATES],
                 udp=None if self._udp is None else self._udp.demux,
                 udp_private=udp_private[:MAX_CANDIDATES],
+                tcp_private=tcp_private[:MAX_CANDIDATES],
                 handler=self,
                 access_key=self._access_key,
-                timeout=min(RENDEZVOUS_TIMEOUT, self._timeout),
+                # Each connection, handshake and request may take the whole
+                # timeout: over a lossy link TCP's backoff alone can hold one
+                # up for many seconds, and giving up drops what is in flight
+                # (an Introduce).
+                timeout=self._timeout,
             )
             self._registration.startService()
             await self._registration.when_registered().addTimeout(
@@ -342,6 +360,9 @@ class PunchListener:
         except BaseException:
             self.stop()
             raise
+        session = self._registration.session
+        if self._punching is not None and session is not None and session.transport is not None:
+            self._punching.count_hops(session.transport.getPeer())
         _log.info(
             "listening as {name} ({peer_id}), direct port {port}, methods {methods}",
             name=self._name,
@@ -350,6 +371,39 @@ class PunchListener:
             methods=",".join(m.name for m in self._methods),
         )
         return _PunchPort(self)
+
+    def _open_tcp(
+        self, method: str, addresses: Sequence[str]
+    ) -> tuple[IStreamClientEndpoint, list[tuple[str, int]]]:
+        """
+        Open the TCP punching port on the interface of the direct port: the
+        registration connects from it, and it accepts paths for *method*.
+
+        :returns: The rendezvous endpoint that connects from it and the host
+            candidates to announce; the endpoint as given and none when the
+            rendezvous endpoint cannot connect from a chosen port.
+        """
+        from dataclasses import replace
+
+        from nattraverse.punch.tcppunch import TcpPunchingPort, tcp_punch_config
+        from nattraverse.punch.tcpsource import NotFromPort, from_shared_port
+
+        port = TcpPunchingPort(
+            self._reactor,
+            interface=self._interface,
+            config=tcp_punch_config(self._checks),
+            accept=_DirectFactory(self, method),
+        )
+        try:
+            rendezvous = from_shared_port(self._rendezvous, port.shared)
+        except NotFromPort as e:
+            port.close()
+            _log.warn("{name}: no TCP hole punching: {reason}", name=self._name, reason=str(e))
+            return self._rendezvous, []
+        number = port.start()
+        self._punching = port
+        self._context = replace(self._context, tcp=port)
+        return rendezvous, [(host, number) for host in addresses]
 
     def _open_udp(self, addresses: Sequence[str]) -> list[tuple[str, int]]:
         """
@@ -402,6 +456,8 @@ class PunchListener:
             waits.append(self._registration.stopService())
         if self._tcp is not None:
             waits.append(maybeDeferred(self._tcp.stopListening))
+        if self._punching is not None:
+            waits.append(self._punching.close())
         if self._udp is not None:
             # Kept while QUIC paths on it carry connections, as TCP
             # connections outlive their listening port.
@@ -529,20 +585,24 @@ class PunchListener:
 
     # -- the direct port --------------------------------------------------------
 
-    def _resolve(self, session: bytes, tag: bytes) -> PathSecrets | None:
+    def _resolve(self, session: bytes, tag: bytes, method: str) -> PathSecrets | None:
         entry = self._pending.get(session)
-        if entry is None or self._direct_method is None:
+        if entry is None:
             return None
         introduction = entry.introduction
         if not hmac.compare_digest(tag, path_tag(introduction.secret, session)):
             return None
-        return path_secrets(introduction, self._direct_method)
+        return path_secrets(introduction, method)
 
-    def _accept(self, addr: IAddress | None) -> _Held | None:
+    def _accept(self, addr: IAddress | None, method: str) -> _Held | None:
         if self.stopped or len(self._accepted) >= MAX_UNSECURED:
             return None
         path = SecurePath(
-            self._reactor, self._identity, "callee", resolve=self._resolve, timeout=self._timeout
+            self._reactor,
+            self._identity,
+            "callee",
+            resolve=partial(self._resolve, method=method),
+            timeout=self._timeout,
         )
         held = self._accepted[path] = _Held(self, path, min(HOLD_TIME, self._timeout))
 

@@ -43,8 +43,9 @@ from nattraverse.identity import Identity
 from nattraverse.interfaces import CallerContext, ITraversalMethod, Path
 from nattraverse.methods import choose_methods
 from nattraverse.punch.checks import CheckConfig
+from nattraverse.punch.tcppunch import tcp_punch_config
 from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
-from nattraverse.rendezvous.commands import check_name, is_peer_id
+from nattraverse.rendezvous.commands import MAX_CANDIDATES, check_name, is_peer_id
 
 __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
@@ -244,6 +245,11 @@ class PunchClientEndpoint:
         deadline = started + self._timeout
         udp: Any = None
         udp_problem: str | None = None
+        tcp: Any = None
+        tcp_problem: str | None = None
+        rendezvous = self._rendezvous
+        if any(getattr(method, "uses_tcp_port", False) for method in self._methods):
+            tcp, rendezvous, tcp_problem = self._open_tcp()
         if any(getattr(method, "uses_udp", False) for method in self._methods):
             udp, udp_problem = self._open_udp()
         try:
@@ -254,7 +260,7 @@ class PunchClientEndpoint:
             session: RendezvousSession = await self._within(
                 self._open_session(
                     reactor,
-                    self._rendezvous,
+                    rendezvous,
                     self._identity,
                     access_key=self._access_key,
                     timeout=self._timeout,
@@ -270,8 +276,14 @@ class PunchClientEndpoint:
         except BaseException:
             if udp is not None:
                 udp.close()
+            if tcp is not None:
+                tcp.close()
             raise
         try:
+            tcp_private = self._tcp_private(tcp, session)
+            if tcp is not None and session.transport is not None:
+                # Counted while the introduction is asked for: a round trip.
+                tcp.count_hops(session.transport.getPeer())
             udp_local: tuple[Any, ...] = ()
             udp_private: list[tuple[str, int]] = []
             if udp is not None:
@@ -286,6 +298,7 @@ class PunchClientEndpoint:
                     (),
                     list(self.methods),
                     udp_private=udp_private,
+                    tcp_private=tcp_private,
                 ),
                 deadline,
                 f"the introduction to {self._peer}",
@@ -309,6 +322,8 @@ class PunchClientEndpoint:
                 udp=udp,
                 udp_local=udp_local,
                 udp_problem=udp_problem,
+                tcp=tcp,
+                tcp_problem=tcp_problem,
             )
             race: Race[Path] = Race(
                 reactor,
@@ -327,6 +342,9 @@ class PunchClientEndpoint:
                 raise
         finally:
             session.close()
+            if tcp is not None:
+                # Its connections, the winning path's too, stay open.
+                tcp.close()
             if udp is not None:
                 # Kept while the QUIC path that won (if it did) carries the connection.
                 udp.close_when_idle()
@@ -340,6 +358,37 @@ class PunchClientEndpoint:
             remote=getattr(protocol.transport, "remote", "?"),  # type: ignore[attr-defined]
         )
         return protocol
+
+    def _open_tcp(self) -> tuple[Any, IStreamClientEndpoint, str | None]:
+        """
+        Open this ``connect()``'s TCP punching port, listening, and the
+        rendezvous endpoint that connects from it.
+
+        :returns: The port, that endpoint and ``None``; or ``None``, the
+            rendezvous endpoint as given and why the port cannot be used.
+        """
+        from twisted.internet.error import CannotListenError
+
+        from nattraverse.punch.tcppunch import TcpPunchingPort
+        from nattraverse.punch.tcpsource import NotFromPort, from_shared_port
+
+        port = TcpPunchingPort(self._reactor, config=tcp_punch_config(self._checks))
+        try:
+            port.start()
+            return port, from_shared_port(self._rendezvous, port.shared), None
+        except (CannotListenError, NotFromPort) as e:
+            port.close()
+            return None, self._rendezvous, f"no TCP punching port: {e}"
+
+    def _tcp_private(self, port: Any, session: RendezvousSession) -> list[tuple[str, int]]:
+        """The host candidates of the TCP punching *port* to announce."""
+        if port is None:
+            return []
+        hosts = local_ipv4_addresses() if self._private is None else list(self._private)
+        local = getattr(session.local_address, "host", None)
+        if not hosts and local is not None:
+            hosts = [local]
+        return [(host, port.shared.port) for host in hosts][:MAX_CANDIDATES]
 
     def _open_udp(self) -> tuple[Any, str | None]:
         """
@@ -411,7 +460,8 @@ class PunchServerEndpoint:
     :param methods: Method names or objects; ``None``: every method plugin.
     :param access_key: The rendezvous' access key, when it wants one.
     :param timeout: Seconds ``listen()`` waits for the first registration,
-        and each path may take to be secured.
+        each request to the rendezvous may take, and each path may take to
+        be secured.
     :param private: This host's private addresses to announce to callers
         (with the direct port); ``None``: this host's non-loopback IPv4
         addresses (or *interface* alone, when it is a specific one); they

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from nattraverse.identity import Identity
     from nattraverse.punch.candidates import Candidate
     from nattraverse.punch.port import PunchingPort
+    from nattraverse.punch.tcppunch import TcpPunchingPort
     from nattraverse.rendezvous.client import Introduction, RendezvousSession
     from nattraverse.secure import PathSecrets, SecurePath
 
@@ -122,6 +123,11 @@ class CallerContext:
     :ivar udp_local: This side's candidates on :attr:`udp`: its host
         addresses, then the server-reflexive address the rendezvous observed.
     :ivar udp_problem: Why :attr:`udp` is ``None`` although a method wanted it.
+    :ivar tcp: The TCP punching port of this ``connect()``: the rendezvous
+        session connects from it, and it listens; ``None`` when no enabled
+        method :attr:`~ITraversalMethod.uses_tcp_port`, or when it could not
+        be used.
+    :ivar tcp_problem: Why :attr:`tcp` is ``None`` although a method wanted it.
     """
 
     reactor: Any
@@ -135,6 +141,8 @@ class CallerContext:
     udp: PunchingPort | None = None
     udp_local: Sequence[Candidate] = ()
     udp_problem: str | None = None
+    tcp: TcpPunchingPort | None = None
+    tcp_problem: str | None = None
 
     def secrets(self, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the callee."""
@@ -174,6 +182,10 @@ class CalleeContext:
     :ivar udp_candidates: This side's candidates on :attr:`udp` now: its
         host addresses, then the server-reflexive address the rendezvous
         last observed.
+    :ivar tcp: The listener's TCP punching port: its registration connects
+        from it, and connections it accepts are paths like the direct
+        port's; ``None`` when no enabled method
+        :attr:`~ITraversalMethod.uses_tcp_port`.
     """
 
     reactor: Any
@@ -184,6 +196,7 @@ class CalleeContext:
     timeout: float = 30.0
     udp: PunchingPort | None = None
     udp_candidates: Callable[[], Sequence[Candidate]] | None = None
+    tcp: TcpPunchingPort | None = None
 
     def secrets(self, introduction: Introduction, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the caller of *introduction*."""
@@ -239,6 +252,11 @@ class ITraversalMethod(Interface):
     uses_udp = Attribute(
         "Whether this method punches through the endpoints' UDP port (which both endpoints "
         "open, bind at the rendezvous and announce only when an enabled method says so)."
+    )
+    uses_tcp_port = Attribute(
+        "Whether this method punches through the endpoints' TCP punching port (which both "
+        "endpoints open, connect to the rendezvous from and announce only when an enabled "
+        "method says so)."
     )
 
     def applies(context: CallerContext) -> str | None:
@@ -299,6 +317,7 @@ class TraversalMethod:
     last_resort: bool = False
     callee_listens: bool = False
     uses_udp: bool = False
+    uses_tcp_port: bool = False
 
     def __repr__(self) -> str:
         return f"<traversal method {self.name!r}>"

@@ -1,6 +1,7 @@
 """
 The traversal methods: the built-in ones (:mod:`~nattraverse.methods.direct`,
-:mod:`~nattraverse.methods.reversal`, :mod:`~nattraverse.methods.udp`,
+:mod:`~nattraverse.methods.reversal`, :mod:`~nattraverse.methods.tcp`,
+:mod:`~nattraverse.methods.udp`,
 :mod:`~nattraverse.methods.relay`) and
 every third-party :class:`~nattraverse.interfaces.ITraversalMethod` plugin,
 found with :func:`twisted.plugin.getPlugins`.
@@ -23,7 +24,7 @@ __all__ = ["BUILTIN_ORDER", "available_methods", "choose_methods"]
 _log = Logger()
 
 #: The built-in methods, in the order they are listed (and reported).
-BUILTIN_ORDER: tuple[str, ...] = ("direct", "reversal", "udp", "relay")
+BUILTIN_ORDER: tuple[str, ...] = ("direct", "reversal", "tcp", "udp", "relay")
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}", re.ASCII)
 

@@ -174,7 +174,7 @@ def _outcome(d: Deferred[Any]) -> Any:
 def test_builtin_methods_are_plugins_in_order() -> None:
     """getPlugins finds direct, reversal, udp and relay, listed in that order."""
     found = available_methods()
-    assert list(found)[:4] == ["direct", "reversal", "udp", "relay"]
+    assert list(found)[:5] == ["direct", "reversal", "tcp", "udp", "relay"]
     assert isinstance(found["direct"], DirectMethod)
     assert isinstance(found["reversal"], ReversalMethod)
     assert isinstance(found["relay"], RelayMethod)
@@ -490,7 +490,7 @@ def test_direct_port_holds_a_connection_until_its_introduction() -> None:
     """A preamble for a session not introduced yet is held, unread, until Introduce comes."""
     clock = MemoryReactorClock()
     listener = _listener(clock)
-    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000))
+    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000), "direct")
     transport: Any = StringTransport()
     held.makeConnection(transport)
     held.dataReceived(encode_preamble(SESSION, SECRET))
@@ -511,7 +511,7 @@ def test_direct_port_refuses_an_unknown_session_after_the_hold() -> None:
     """When no introduction comes, the held connection is refused at the end of the hold."""
     clock = MemoryReactorClock()
     listener = _listener(clock)
-    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000))
+    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000), "direct")
     transport: Any = StringTransport()
     held.makeConnection(transport)
     held.dataReceived(encode_preamble(SESSION, SECRET))
@@ -527,7 +527,7 @@ def test_direct_port_refuses_a_wrong_tag_at_once() -> None:
     clock = MemoryReactorClock()
     listener = _listener(clock)
     listener.introduced(_caller_introduction())
-    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000))
+    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000), "direct")
     transport: Any = StringTransport()
     held.makeConnection(transport)
     held.dataReceived(encode_preamble(SESSION, b"not the secret"))
@@ -560,7 +560,7 @@ def test_direct_port_drops_a_silent_connection_after_the_hold() -> None:
     """A connection that sends no whole preamble within the hold is dropped."""
     clock = MemoryReactorClock()
     listener = _listener(clock)
-    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000))
+    held: Any = listener._accept(IPv4Address("TCP", "203.0.113.5", 5000), "direct")
     transport: Any = StringTransport()
     held.makeConnection(transport)
     held.dataReceived(b"NTP1")

@@ -103,7 +103,7 @@ def test_client_minimal() -> None:
     endpoint = _client(reactor, f"peer=alice:{RENDEZVOUS}")
     verifyObject(IStreamClientEndpoint, endpoint)
     assert endpoint.peer == "alice"
-    assert endpoint.methods == ("direct", "reversal", "udp", "relay")
+    assert endpoint.methods == ("direct", "reversal", "tcp", "udp", "relay")
     assert endpoint.timeout == 30.0
 
 
@@ -318,7 +318,7 @@ def test_server_defaults_and_reactor(key_file: Path) -> None:
     reactor = MemoryReactorClock()
     endpoint = _server(reactor, f"name=alice:{RENDEZVOUS}:identity={key_file}")
     assert (endpoint.port, endpoint.interface) == (0, "0.0.0.0")
-    assert endpoint.methods == ("direct", "reversal", "udp", "relay")
+    assert endpoint.methods == ("direct", "reversal", "tcp", "udp", "relay")
     assert endpoint._reactor is reactor
     assert endpoint.rendezvous._reactor is reactor  # type: ignore[attr-defined]
 

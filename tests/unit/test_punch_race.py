@@ -326,7 +326,14 @@ class FakeSession:
     where: str = "127.0.0.1:8478"
 
     def connect(
-        self, peer: str, listen_port: int, private: Any, methods: Any, *, udp_private: Any = ()
+        self,
+        peer: str,
+        listen_port: int,
+        private: Any,
+        methods: Any,
+        *,
+        udp_private: Any = (),
+        tcp_private: Any = (),
     ) -> Deferred[Any]:
         self.connects.append((peer, listen_port, tuple(private), tuple(methods)))
         if self.error is not None:

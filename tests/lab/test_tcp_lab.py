@@ -1,0 +1,167 @@
+"""
+TCP hole punching (the ``tcp`` method of ``punch:``) behind real kernel
+NATs, driven through ``natcat`` (issue 6, "Tests in the real lab").
+
+Each test builds a lab with our ``twistd natrendezvous`` on a public host,
+a callee (``natcat --listen alice``) and a caller (``natcat alice``), both
+with ``--methods tcp``, and checks what their ``--json-report`` say.  Every
+NAT test runs twice: with NATs that drop unsolicited SYNs and with NATs
+that answer them with a RST (``reject with tcp reset``).
+
+- The 5x5 matrix of the callee's NAT x the caller's NAT: the 17 pairs plain
+  UDP punching serves connect by TCP too and echo 1 MiB intact (the 9
+  cone-to-cone pairs by simultaneous open or by the accept of a SYN that
+  found the other NAT open; the cone-to-symmetric ones through ``accept()``
+  on the cone side, the symmetric side's SYN coming from a port its NAT
+  picked); the other 8 fail within the punching budget with a clear error,
+  and nothing reaches the callee's application.
+- Both peers behind one NAT: the pair of private addresses.
+
+Test ids name the callee's NAT first, then the inbound policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.lab.punch_support import (
+    RENDEZVOUS_ADDRESS,
+    Refused,
+    echo_through,
+    host_of,
+    refused_through,
+)
+from tests.lab.test_udp_lab import NOT_SERVED, SERVED
+from tests.natlab import Host, Inbound, Lab, Preset
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+#: natcat's arguments that restrict a side to TCP hole punching.
+TCP_ONLY = ("--methods", "tcp")
+#: The punching deadline of the pairs that cannot connect (``--punch-timeout``).
+FAILING_PUNCH_TIMEOUT = 4.0
+#: Seconds a failing caller may take beyond that deadline: interpreter
+#: start, the rendezvous session and the introduction.
+PUNCH_SLACK = 8.0
+
+INBOUNDS = (Inbound.DROP, Inbound.REJECT)
+
+
+def _cases(pairs: list[tuple[Preset, Preset]]) -> list[tuple[Preset, Preset, Inbound]]:
+    return [(callee, caller, inbound) for callee, caller in pairs for inbound in INBOUNDS]
+
+
+def _case_id(case: tuple[Preset, Preset, Inbound]) -> str:
+    callee, caller, inbound = case
+    return f"{callee.value}-vs-{caller.value}-{inbound.value}"
+
+
+def _two_nats(
+    lab: Lab, callee_nat: Preset, caller_nat: Preset, inbound: Inbound
+) -> tuple[Host, Host]:
+    """The rendezvous, and a callee and a caller each behind a NAT of its own."""
+    lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
+    callee = lab.host("callee", behind=lab.nat("nata", callee_nat, inbound=inbound))
+    caller = lab.host("caller", behind=lab.nat("natb", caller_nat, inbound=inbound))
+    return callee, caller
+
+
+SERVED_CASES = _cases(SERVED)
+NOT_SERVED_CASES = _cases(NOT_SERVED)
+
+
+@pytest.mark.parametrize(
+    ("callee_nat", "caller_nat", "inbound"), SERVED_CASES, ids=[_case_id(c) for c in SERVED_CASES]
+)
+def test_tcp_connects_where_punching_can(
+    lab: Lab, tmp_path: Path, callee_nat: Preset, caller_nat: Preset, inbound: Inbound
+) -> None:
+    """With --methods tcp, the pair connects by TCP through both NATs and echoes 1 MiB."""
+    callee, caller = _two_nats(lab, callee_nat, caller_nat, inbound)
+    mine, theirs = echo_through(
+        lab, caller, callee, tmp_path, caller_args=TCP_ONLY, callee_args=TCP_ONLY
+    )
+    assert mine["method"] == "tcp"
+    assert theirs["method"] == "tcp"
+    assert host_of(mine["remote"]) == callee.public_address
+    assert host_of(theirs["remote"]) == caller.public_address
+    assert mine["connect_ms"] > 0
+
+
+def _assert_clean_punching_failure(refused: Refused) -> None:
+    """The caller failed for the right reason, saying so, within the budget."""
+    assert refused.returncode == 1, refused.detail
+    assert refused.report is None, refused.detail
+    assert "TCP hole punching failed" in refused.error, refused.detail
+    assert "SYN" in refused.error, refused.detail
+    assert refused.seconds < FAILING_PUNCH_TIMEOUT + PUNCH_SLACK, refused.detail
+
+
+@pytest.mark.parametrize(
+    ("callee_nat", "caller_nat", "inbound"),
+    NOT_SERVED_CASES,
+    ids=[_case_id(c) for c in NOT_SERVED_CASES],
+)
+def test_tcp_fails_cleanly_where_punching_cannot(
+    lab: Lab, tmp_path: Path, callee_nat: Preset, caller_nat: Preset, inbound: Inbound
+) -> None:
+    """With --methods tcp, the caller fails within the budget, naming TCP punching."""
+    callee, caller = _two_nats(lab, callee_nat, caller_nat, inbound)
+    args = (*TCP_ONLY, "--punch-timeout", f"{FAILING_PUNCH_TIMEOUT:g}")
+    refused = refused_through(lab, caller, callee, tmp_path, caller_args=args, callee_args=args)
+    _assert_clean_punching_failure(refused)
+
+
+@pytest.mark.parametrize("inbound", INBOUNDS, ids=[i.value for i in INBOUNDS])
+def test_peers_behind_one_nat_use_their_private_addresses(
+    lab: Lab, tmp_path: Path, inbound: Inbound
+) -> None:
+    """Two peers behind one NAT (no hairpin) connect by TCP between their LAN addresses."""
+    lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
+    nat = lab.nat("nat", Preset.PORT_RESTRICTED, inbound=inbound)
+    callee = lab.host("callee", behind=nat)
+    caller = lab.host("caller", behind=nat)
+    mine, theirs = echo_through(
+        lab, caller, callee, tmp_path, caller_args=TCP_ONLY, callee_args=TCP_ONLY
+    )
+    assert mine["method"] == "tcp"
+    assert theirs["method"] == "tcp"
+    assert host_of(mine["remote"]) == callee.address
+    assert host_of(theirs["remote"]) == caller.address
+
+
+#: How much later one peer starts: the rendezvous' messages reach it that late.
+LATE_START_MS = 300.0
+LATE_CASES = [(late, inbound) for late in ("caller", "callee") for inbound in INBOUNDS]
+
+
+@pytest.mark.parametrize(
+    ("late", "inbound"), LATE_CASES, ids=[f"{late}-late-{i.value}" for late, i in LATE_CASES]
+)
+def test_tcp_connects_when_one_peer_starts_late(
+    lab: Lab, tmp_path: Path, late: str, inbound: Inbound
+) -> None:
+    """
+    Everything the rendezvous sends one peer arrives 300 ms late, so that peer
+    starts punching 300 ms after the other (its SYNs meet a NAT that has
+    long dropped or rejected the other's): the pair still connects by TCP.
+    """
+    nata = lab.nat("nata", Preset.PORT_RESTRICTED, inbound=inbound)
+    natb = lab.nat("natb", Preset.PORT_RESTRICTED, inbound=inbound)
+    slow = natb if late == "caller" else nata
+    lab.public_host(
+        "rendezvous",
+        RENDEZVOUS_ADDRESS,
+        delay_ms=LATE_START_MS,
+        delay_only_to=[slow.wan_address],
+    )
+    callee = lab.host("callee", behind=nata)
+    caller = lab.host("caller", behind=natb)
+    mine, theirs = echo_through(
+        lab, caller, callee, tmp_path, caller_args=TCP_ONLY, callee_args=TCP_ONLY
+    )
+    assert mine["method"] == "tcp"
+    assert theirs["method"] == "tcp"
+    assert host_of(mine["remote"]) == callee.public_address
