@@ -401,6 +401,28 @@ class SharedTcpPort:
             sock.close()  # the reactor holds its own duplicate
         return self._listening
 
+    def ignore_syns_from(self, addresses: list[Address]) -> bool:
+        """
+        Have the listening socket ignore SYNs from *addresses* (replacing the
+        last list; empty: accept all again); see
+        :mod:`~nattraverse.punch.synfilter` for why.
+
+        :returns: Whether the filter is in place (``False`` before
+            :meth:`listen`, for IPv6 or without socket filters).
+        """
+        from nattraverse.punch.synfilter import ignore_syns_from
+
+        if self._listening is None:
+            return False
+        fileno = getattr(self._listening, "fileno", None)
+        if fileno is None:
+            return False
+        sock = socket.socket(fileno=os.dup(fileno()))
+        try:
+            return ignore_syns_from(sock, addresses)
+        finally:
+            sock.close()
+
     def _bound(self, port: int) -> socket.socket:
         """A new reuse socket bound to *port*; :exc:`CannotListenError` when refused."""
         try:

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse.errors import PeerAuthenticationFailed
+from nattraverse.punch.synfilter import MAX_IGNORED
 
 if TYPE_CHECKING:
     from nattraverse.punch.checks import CheckConfig
@@ -465,6 +466,7 @@ class TcpPunchingPort:
         self.running: TcpPunch | None = None
         self.closed = False
         self._hops: HopCount | None = None
+        self._punching: dict[TcpPunch, list[Address]] = {}
 
     def start(self) -> int:
         """
@@ -525,13 +527,28 @@ class TcpPunchingPort:
             config=self.punch_config(),
         )
         self.running = punch
+        # Our listener ignores the candidates' SYNs while we connect to them:
+        # each such 4-tuple is the simultaneous open's (see synfilter).
+        self._punching[punch] = list(remotes)
+        self._filter()
 
         def over(result: object) -> object:
             if self.running is punch:
                 self.running = None
+            self._punching.pop(punch, None)
+            self._filter()
             return result
 
         return punch.run().addBoth(over)
+
+    def _filter(self) -> None:
+        if self.closed:
+            return
+        addresses = list(dict.fromkeys(a for remotes in self._punching.values() for a in remotes))
+        try:
+            self.shared.ignore_syns_from(addresses[:MAX_IGNORED])
+        except (OSError, ValueError) as e:
+            _log.info("the TCP punching port accepts every SYN: {error}", error=str(e))
 
     def close(self) -> Deferred[None]:
         """Stop listening and connecting; connections already made stay open."""
