@@ -23,6 +23,7 @@ Test ids name the callee's NAT first, then the inbound policy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,9 +49,34 @@ PUNCH_SLACK = 8.0
 
 INBOUNDS = (Inbound.DROP, Inbound.REJECT)
 
+#: Why a pair behind NATs that answer unsolicited SYNs with a RST may fail.
+#: Linux conntrack forgets a NAT's entry as soon as a RST answers a SYN it
+#: sent, so the SYNs must cross within the one-way delay between the NATs
+#: (0 here); the RST also means our own SYN, low TTL or not, reaches the
+#: peer's NAT here, where no router sits between them to end a priming SYN.
+#: And once the peer's SYN has met an entry (SYN_SENT2), the NAT accepts
+#: from this side only SYNs within the TCP window of its last one (about
+#: 4 ms of Linux's sequence clock).  Each served pair fails about 1 run in
+#: 30; with a 300 ms late start they nearly always fail: a known limit (see
+#: docs/punching.rst), not a pass.
+REJECT_TIMING = (
+    "TCP punching through NATs that reset unsolicited SYNs depends on the SYNs crossing "
+    "(Linux conntrack drops the entry at the RST); see REJECT_TIMING's comment"
+)
+
+
+def _marks(inbound: Inbound) -> list[pytest.MarkDecorator]:
+    if inbound is Inbound.REJECT:
+        return [pytest.mark.xfail(reason=REJECT_TIMING, strict=False)]
+    return []
+
 
 def _cases(pairs: list[tuple[Preset, Preset]]) -> list[tuple[Preset, Preset, Inbound]]:
     return [(callee, caller, inbound) for callee, caller in pairs for inbound in INBOUNDS]
+
+
+def _served(cases: list[tuple[Preset, Preset, Inbound]]) -> list[Any]:
+    return [pytest.param(*case, id=_case_id(case), marks=_marks(case[2])) for case in cases]
 
 
 def _case_id(case: tuple[Preset, Preset, Inbound]) -> str:
@@ -72,9 +98,7 @@ SERVED_CASES = _cases(SERVED)
 NOT_SERVED_CASES = _cases(NOT_SERVED)
 
 
-@pytest.mark.parametrize(
-    ("callee_nat", "caller_nat", "inbound"), SERVED_CASES, ids=[_case_id(c) for c in SERVED_CASES]
-)
+@pytest.mark.parametrize(("callee_nat", "caller_nat", "inbound"), _served(SERVED_CASES))
 def test_tcp_connects_where_punching_can(
     lab: Lab, tmp_path: Path, callee_nat: Preset, caller_nat: Preset, inbound: Inbound
 ) -> None:
@@ -134,12 +158,14 @@ def test_peers_behind_one_nat_use_their_private_addresses(
 
 #: How much later one peer starts: the rendezvous' messages reach it that late.
 LATE_START_MS = 300.0
-LATE_CASES = [(late, inbound) for late in ("caller", "callee") for inbound in INBOUNDS]
+LATE_CASES = [
+    pytest.param(late, inbound, id=f"{late}-late-{inbound.value}", marks=_marks(inbound))
+    for late in ("caller", "callee")
+    for inbound in INBOUNDS
+]
 
 
-@pytest.mark.parametrize(
-    ("late", "inbound"), LATE_CASES, ids=[f"{late}-late-{i.value}" for late, i in LATE_CASES]
-)
+@pytest.mark.parametrize(("late", "inbound"), LATE_CASES)
 def test_tcp_connects_when_one_peer_starts_late(
     lab: Lab, tmp_path: Path, late: str, inbound: Inbound
 ) -> None:
