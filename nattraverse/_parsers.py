@@ -56,6 +56,7 @@ CLIENT_KEYS = (
     "accessKeyFile",
     "checkInterval",
     "punchTimeout",
+    "preferTcp",
 )
 SERVER_KEYS = (
     "name",
@@ -222,6 +223,7 @@ def parse_client(
     accessKeyFile: str | None = None,
     checkInterval: str | None = None,
     punchTimeout: str | None = None,
+    preferTcp: str | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> PunchClientEndpoint:
@@ -241,6 +243,7 @@ def parse_client(
     key = _access_key(accessKeyFile, os.environ if environ is None else environ)
     loaded = _identity(identity) if identity is not None else None
     checks = _checks(checkInterval, punchTimeout)
+    prefer = 0.0 if preferTcp in (None, "0") else _timeout(preferTcp, 0.0, "preferTcp")
     try:
         return PunchClientEndpoint(
             reactor,
@@ -251,6 +254,7 @@ def parse_client(
             timeout=seconds,
             access_key=key,
             checks=checks,
+            prefer_tcp=prefer,
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e

@@ -70,6 +70,12 @@ class Race(Generic[T]):
     :param on_lost: Makes the exception the race fails with from the
         failures of all contenders, in the contenders' order.
     :param discard: Called with a value that won too late.
+    :param preferred: Names of contenders preferred to the others: when
+        another wins while one of them still runs, its value is held for
+        up to *grace* seconds, and a preferred contender that succeeds in
+        that time wins instead (the held value is discarded).
+    :param grace: Seconds a preferred contender has to beat an earlier
+        winner; 0: no preference.
     """
 
     def __init__(
@@ -82,6 +88,8 @@ class Race(Generic[T]):
         stagger: float = 0.0,
         timeout: float | None = None,
         timeout_text: str | None = None,
+        preferred: frozenset[str] = frozenset(),
+        grace: float = 0.0,
     ) -> None:
         names = [c.name for c in contenders]
         if len(set(names)) != len(names):
@@ -102,6 +110,11 @@ class Race(Generic[T]):
         self._timer: IDelayedCall | None = None
         self._result: Deferred[tuple[str, T]] | None = None
         self._done = False
+        self._preferred = preferred
+        self._grace = grace
+        #: A winner held while a preferred contender has its grace period.
+        self._held: tuple[str, T] | None = None
+        self._grace_call: IDelayedCall | None = None
 
     def run(self) -> Deferred[tuple[str, T]]:
         """
@@ -172,9 +185,36 @@ class Race(Generic[T]):
         if self._done:
             self._discard(value)
             return
+        if self._held is not None:
+            # A preferred contender beat the held winner within its grace.
+            if name not in self._preferred:
+                self._discard(value)
+                return
+            held_value = self._held[1]
+            self._held = None
+            self._discard(held_value)
+        elif self._grace > 0 and name not in self._preferred and self._preferred_running():
+            self._held = (name, value)
+            self._grace_call = self._reactor.callLater(self._grace, self._release_held)
+            return
         self._finish()
         assert self._result is not None
         self._result.callback((name, value))
+
+    def _preferred_running(self) -> bool:
+        return any(name in self._preferred for name in self._running) or any(
+            c.name in self._preferred for c in self._waiting
+        )
+
+    def _release_held(self) -> None:
+        """The grace period is over (or no preferred contender runs): the held winner wins."""
+        self._grace_call = None
+        held, self._held = self._held, None
+        if held is None or self._done:
+            return
+        self._finish()
+        assert self._result is not None
+        self._result.callback(held)
 
     def _lost(self, failure: Failure, name: str, attempt: Deferred[T]) -> None:
         self._forget(name, attempt)
@@ -182,6 +222,12 @@ class Race(Generic[T]):
             return  # cancelled by the race itself: nothing to report
         error = failure.value
         self._failures[name] = error if error is not None else Exception(failure.getErrorMessage())
+        if self._held is not None:
+            if not self._preferred_running():
+                if self._grace_call is not None and self._grace_call.active():
+                    self._grace_call.cancel()
+                self._release_held()
+            return
         if self._stagger_call is not None and not self._running:
             # Every other contender failed: no reason to wait for the stagger.
             self._stagger_call.cancel()
@@ -206,10 +252,13 @@ class Race(Generic[T]):
     def _finish(self) -> None:
         """Mark the race over; stop the timers; cancel the contenders still running."""
         self._done = True
-        for call in (self._stagger_call, self._timer):
+        for call in (self._stagger_call, self._timer, self._grace_call):
             if call is not None and call.active():
                 call.cancel()
-        self._stagger_call = self._timer = None
+        self._stagger_call = self._timer = self._grace_call = None
+        held, self._held = self._held, None
+        if held is not None:
+            self._discard(held[1])
         self._waiting = []
         running, self._running = self._running, {}
         for attempt in running.values():
@@ -217,6 +266,9 @@ class Race(Generic[T]):
 
     def _expire(self) -> None:
         self._timer = None
+        if self._held is not None:
+            self._release_held()  # a winner is there: the timeout ends only the wait
+            return
         text = self._timeout_text
         for name in self._running:
             self._failures[name] = TimeoutError(f"timed out: not done within the {text} timeout")

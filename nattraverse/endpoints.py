@@ -130,8 +130,15 @@ class PunchClientEndpoint:
     :param checks: The UDP connectivity checks' pacing, retransmission,
         budget and deadline (:class:`~nattraverse.punch.checks.CheckConfig`);
         ``None``: the defaults (a check every 50 ms, 10 s at most).
+    :param prefer_tcp: Seconds a direct TCP path (``direct``, ``reversal``,
+        ``tcp``: the kernel's TCP end to end, for bulk throughput) still
+        running may take to beat a path another method made first; 0: the
+        first path wins.
     :raises ValueError: naming the argument, when one is not acceptable.
     """
+
+    #: The methods whose paths are one direct TCP connection.
+    TCP_METHODS = frozenset({"direct", "reversal", "tcp"})
 
     def __init__(
         self,
@@ -146,10 +153,12 @@ class PunchClientEndpoint:
         access_key: bytes | None = None,
         private: Sequence[str] | None = None,
         checks: CheckConfig | None = None,
+        prefer_tcp: float = 0.0,
     ) -> None:
         self._reactor = reactor
         self._rendezvous = rendezvous
         self._peer = _check_peer(peer)
+        self._prefer_tcp = _seconds(prefer_tcp, "prefer_tcp", zero=True)
         self._checks = checks
         self._methods = choose_methods(methods)
         self._timeout = _seconds(timeout, "timeout")
@@ -190,6 +199,11 @@ class PunchClientEndpoint:
     def checks(self) -> CheckConfig | None:
         """The UDP checks' configuration (``None``: the defaults)."""
         return self._checks
+
+    @property
+    def prefer_tcp(self) -> float:
+        """Seconds a direct TCP path may take to beat another that came first."""
+        return self._prefer_tcp
 
     @property
     def identity(self) -> Identity:
@@ -331,6 +345,8 @@ class PunchClientEndpoint:
                 on_lost=partial(PunchFailed, self._peer),
                 discard=discard_path,
                 stagger=self._stagger,
+                preferred=self.TCP_METHODS,
+                grace=self._prefer_tcp,
                 timeout=remaining,
                 timeout_text=f"{self._timeout:g} s",
             )

@@ -87,6 +87,8 @@ def endpoint_string(options: argparse.Namespace) -> str:
         parts.append(f"timeout={options.timeout!r}")
     if options.punch_timeout is not None:
         parts.append(f"punchTimeout={options.punch_timeout!r}")
+    if options.prefer_tcp is not None:
+        parts.append(f"preferTcp={options.prefer_tcp!r}")
     if options.port is not None:
         parts.append(f"port={options.port}")
     if options.access_key_file is not None:
@@ -159,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the UDP connectivity checks may take (default 10; longer on lossy paths)",
     )
     parser.add_argument(
+        "--prefer-tcp",
+        type=_positive_seconds,
+        metavar="SECS",
+        help="connecting: seconds a direct TCP path may take to beat a UDP or relayed one "
+        "that came first (for bulk throughput)",
+    )
+    parser.add_argument(
         "--port", type=_port, help="TCP port for direct connections (listening only; 0: any)"
     )
     parser.add_argument(
@@ -197,6 +206,8 @@ def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None
     if options.listen is not None:
         if options.quit_after is not None:
             parser.error("--quit-after is for connecting")
+        if options.prefer_tcp is not None:
+            parser.error("--prefer-tcp is for connecting")
         if options.identity is None:
             options.identity = default_identity(options.listen)
     else:

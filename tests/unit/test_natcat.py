@@ -110,3 +110,12 @@ def test_report_is_one_json_line() -> None:
         "remote": "192.0.2.10:8478",
         "connect_ms": 12.5,
     }
+
+
+def test_prefer_tcp_is_for_connecting() -> None:
+    """--prefer-tcp becomes preferTcp=; a listener refuses it."""
+    options = _options("bob", "-r", "tcp:h:1", "--identity", "k", "--prefer-tcp", "0.25")
+    _, kwargs = _parse(natcat.endpoint_string(options))
+    assert float(kwargs["preferTcp"]) == 0.25
+    with pytest.raises(SystemExit):
+        _options("--listen", "bob", "-r", "tcp:h:1", "--prefer-tcp", "0.25")

@@ -377,3 +377,12 @@ def test_server_errors_come_before_creating_the_key_file(key_file: Path) -> None
             MemoryReactorClock(), f"punch:name=alice:{RENDEZVOUS}:identity={key_file}:port=x"
         )
     assert not key_file.exists()
+
+
+def test_prefer_tcp_is_a_grace_in_seconds() -> None:
+    """preferTcp gives direct TCP paths that many seconds to beat another; absent or 0: none."""
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:preferTcp=0.3").prefer_tcp == 0.3
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}").prefer_tcp == 0.0
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:preferTcp=0").prefer_tcp == 0.0
+    with pytest.raises(ValueError, match="preferTcp='soon'"):
+        _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:preferTcp=soon")

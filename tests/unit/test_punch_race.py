@@ -387,6 +387,7 @@ def _endpoint(
     peer: str = "bob",
     timeout: float = 30.0,
     stagger: float = 0.5,
+    prefer_tcp: float = 0.0,
 ) -> tuple[PunchClientEndpoint, Opener]:
     endpoint = PunchClientEndpoint(
         clock,
@@ -396,6 +397,7 @@ def _endpoint(
         methods=methods,
         timeout=timeout,
         stagger=stagger,
+        prefer_tcp=prefer_tcp,
     )
     opener = Opener(session)
     endpoint._open_session = opener
@@ -633,3 +635,34 @@ def test_endpoint_arguments_are_checked(kwargs: dict[str, Any], match: str) -> N
     peer = arguments.pop("peer")
     with pytest.raises(ValueError, match=match):
         PunchClientEndpoint(Clock(), object(), peer, **arguments)  # type: ignore[arg-type]
+
+
+def test_endpoint_prefers_a_tcp_path_within_the_grace() -> None:
+    """With prefer_tcp, a tcp path that follows a udp one within the grace is selected."""
+    clock = Clock()
+    tcp, udp = FakeMethod("tcp"), FakeMethod("udp")
+    session = FakeSession(introduction=_introduction())
+    endpoint, _ = _endpoint(clock, [tcp, udp], session, prefer_tcp=0.2)
+    connecting = endpoint.connect(_factory())
+    quic, tls = FakePath("udp"), FakePath("tcp")
+    udp.attempts[0].deferred.callback(quic)
+    assert not connecting.called
+    clock.advance(0.1)
+    tcp.attempts[0].deferred.callback(tls)
+    _result(connecting)
+    assert tls.selected_with is not None
+    assert quic.aborted
+    assert clock.getDelayedCalls() == []
+
+
+def test_endpoint_without_preference_takes_the_first_path() -> None:
+    """By default the first authenticated path wins, whatever its method."""
+    clock = Clock()
+    tcp, udp = FakeMethod("tcp"), FakeMethod("udp")
+    endpoint, _ = _endpoint(clock, [tcp, udp], FakeSession(introduction=_introduction()))
+    connecting = endpoint.connect(_factory())
+    quic = FakePath("udp")
+    udp.attempts[0].deferred.callback(quic)
+    _result(connecting)
+    assert quic.selected_with is not None
+    assert tcp.attempts[0].cancelled
