@@ -7,182 +7,42 @@ descriptor or timer behind (the ``world`` fixture checks).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import error
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IAddress, IListeningPort, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from nattraverse.punch.tcpport import SharedTcpPort
-
-T = TypeVar("T")
-
-LOCALHOST = "127.0.0.1"
-#: Seconds any one step may take before the test fails instead of hanging.
-STEP = 10.0
-
-
-class Peer(Protocol):
-    """Records what arrives; :meth:`expect` waits for an amount of it."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost: Deferred[None] = Deferred()
-        self._waiting: list[tuple[int, Deferred[bytes]]] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        ready = [(n, d) for n, d in self._waiting if len(self.received) >= n]
-        self._waiting = [(n, d) for n, d in self._waiting if len(self.received) < n]
-        for _, d in ready:
-            d.callback(self.received)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost.callback(None)
-
-    def expect(self, size: int) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append((size, d))
-        self.dataReceived(b"")
-        return d
-
-    @property
-    def ports(self) -> tuple[int, int]:
-        """(local port, remote port) of the connection."""
-        assert self.transport is not None
-        host, peer = self.transport.getHost(), self.transport.getPeer()
-        assert isinstance(host, IPv4Address)
-        assert isinstance(peer, IPv4Address)
-        return host.port, peer.port
-
-
-class Peers(Factory):
-    """Builds :class:`Peer` protocols and keeps them all."""
-
-    def __init__(self) -> None:
-        self.made: list[Peer] = []
-
-    def buildProtocol(self, addr: IAddress | None) -> Peer:
-        peer = Peer()
-        peer.factory = self
-        self.made.append(peer)
-        return peer
-
-
-def _open_fds() -> int:
-    """How many sockets this process holds open."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        # The listing's own descriptor is closed by now.
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
-    return count
-
-
-def _attempts(reactor: Any) -> list[Any]:
-    """The pending SharedTcpPort connects the reactor watches."""
-    return [w for w in reactor.getWriters() if type(w).__name__ == "_Attempt"]
-
-
-def within(reactor: Any, d: Deferred[T], seconds: float = STEP) -> Deferred[T]:
-    """*d*, failing with TimeoutError after *seconds*."""
-    return d.addTimeout(seconds, reactor)
-
-
-class World:
-    """Everything a test opens, closed by the fixture."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.shared: list[SharedTcpPort] = []
-        self.listening: list[IListeningPort] = []
-        self.factories: list[Peers] = []
-        self.sockets: list[socket.socket] = []
-
-    def shared_port(self, port: int = 0) -> SharedTcpPort:
-        shared = SharedTcpPort(self.reactor, LOCALHOST, port)
-        self.shared.append(shared)
-        return shared
-
-    def peers(self) -> Peers:
-        peers = Peers()
-        self.factories.append(peers)
-        return peers
-
-    def listen_plain(self) -> tuple[IListeningPort, Peers]:
-        """An ordinary Twisted listener on 127.0.0.1."""
-        peers = self.peers()
-        port = self.reactor.listenTCP(0, peers, interface=LOCALHOST)
-        self.listening.append(port)
-        return port, peers
-
-    def full_listener(self, port: int = 0, *, reuse: bool = False) -> int:
-        """A raw listener whose accept queue is full, so that it drops SYNs; its port."""
-        listener = socket.socket()
-        self.sockets.append(listener)
-        if reuse:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((LOCALHOST, port))
-        listener.listen(0)
-        number: int = listener.getsockname()[1]
-        # Loopback completes the handshake inside connect(); backlog 0 holds one.
-        filler = socket.create_connection((LOCALHOST, number), timeout=STEP)
-        self.sockets.append(filler)
-        return number
-
-    async def close(self) -> None:
-        for shared in self.shared:
-            await within(self.reactor, shared.close())
-        for port in self.listening:
-            await within(self.reactor, port.stopListening())  # type: ignore[arg-type]
-        for peers in self.factories:
-            for peer in peers.made:
-                if peer.transport is not None and not peer.lost.called:
-                    peer.transport.loseConnection()
-                    await within(self.reactor, peer.lost)
-        for sock in self.sockets:
-            sock.close()
-
-
-async def _settle(reactor: Any, done: Any) -> None:
-    """Let the reactor run until done() holds, for at most STEP seconds."""
-    deadline = time.monotonic() + STEP
-    while not done() and time.monotonic() < deadline:
-        await deferLater(reactor, 0.01, lambda: None)
+from tests.integration.tcp_socket_support import (
+    LOCALHOST,
+    STEP,
+    Peer,
+    Peers,
+    SocketWorld,
+    attempts,
+    closed_port,
+    nothing_left,
+    settle,
+    within,
+)
 
 
 @pytest_twisted.async_yield_fixture
-async def world(reactor: Any) -> AsyncIterator[World]:
-    """A World; afterwards no descriptor, pending connect or new timer is left."""
-    fds = _open_fds()
-    before = set(reactor.getDelayedCalls())
-    w = World(reactor)
-    try:
+async def world(reactor: Any) -> AsyncIterator[SocketWorld]:
+    """A SocketWorld; afterwards no descriptor, pending connect or new timer is left."""
+    async with nothing_left(reactor, SocketWorld(reactor)) as w:
         yield w
-    finally:
-        await w.close()
-
-    def new_calls() -> list[Any]:
-        return [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
-
-    await _settle(reactor, lambda: _open_fds() == fds and not new_calls())
-    assert _open_fds() == fds
-    assert new_calls() == []
-    assert _attempts(reactor) == []
 
 
 async def _exchange(reactor: Any, one: Peer, other: Peer) -> None:
@@ -196,7 +56,7 @@ async def _exchange(reactor: Any, one: Peer, other: Peer) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_listen_accepts_plain_client(reactor: Any, world: World) -> None:
+async def test_listen_accepts_plain_client(reactor: Any, world: SocketWorld) -> None:
     """A plain TCP client connects to the shared port's listener."""
     shared = world.shared_port()
     host, number = shared.bind()
@@ -209,14 +69,14 @@ async def test_listen_accepts_plain_client(reactor: Any, world: World) -> None:
         reactor, TCP4ClientEndpoint(reactor, LOCALHOST, number).connect(client_peers)
     )
     assert isinstance(client, Peer)
-    await _settle(reactor, lambda: len(accepted.made) == 1)
+    await settle(reactor, lambda: len(accepted.made) == 1)
     assert len(accepted.made) == 1
     assert accepted.made[0].ports == (number, client.ports[0])
     await _exchange(reactor, client, accepted.made[0])
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_from_listening_port(reactor: Any, world: World) -> None:
+async def test_connect_from_listening_port(reactor: Any, world: SocketWorld) -> None:
     """connect() leaves from the port that is listening, which keeps listening."""
     shared = world.shared_port()
     accepted = world.peers()
@@ -228,17 +88,17 @@ async def test_connect_from_listening_port(reactor: Any, world: World) -> None:
     )
     assert isinstance(mine, Peer)
     assert mine.ports == (shared.port, remote_number)
-    await _settle(reactor, lambda: len(remote_peers.made) == 1)
+    await settle(reactor, lambda: len(remote_peers.made) == 1)
     assert remote_peers.made[0].ports == (remote_number, shared.port)
     await _exchange(reactor, mine, remote_peers.made[0])
     # Still listening: a plain client gets through.
     await within(reactor, TCP4ClientEndpoint(reactor, LOCALHOST, shared.port).connect(Peers()))
-    await _settle(reactor, lambda: len(accepted.made) == 1)
+    await settle(reactor, lambda: len(accepted.made) == 1)
     assert len(accepted.made) == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_connects_to_two_listeners_from_one_port(reactor: Any, world: World) -> None:
+async def test_connects_to_two_listeners_from_one_port(reactor: Any, world: SocketWorld) -> None:
     """Two connections to different remotes share the local port number."""
     shared = world.shared_port()
     shared.listen(world.peers())
@@ -255,7 +115,9 @@ async def test_connects_to_two_listeners_from_one_port(reactor: Any, world: Worl
 
 
 @pytest_twisted.ensureDeferred
-async def test_simultaneous_connect_gives_one_connection_each(reactor: Any, world: World) -> None:
+async def test_simultaneous_connect_gives_one_connection_each(
+    reactor: Any, world: SocketWorld
+) -> None:
     """Two listening ports connecting to each other at once: one connection per side."""
     a, b = world.shared_port(), world.shared_port()
     a_accepted, b_accepted = world.peers(), world.peers()
@@ -275,7 +137,7 @@ async def test_simultaneous_connect_gives_one_connection_each(reactor: Any, worl
     def ends(port: SharedTcpPort, other: SharedTcpPort, *made: Peers) -> list[Peer]:
         return [p for f in made for p in f.made if p.ports == (port.port, other.port)]
 
-    await _settle(
+    await settle(
         reactor,
         lambda: (
             len(ends(a, b, a_accepted, a_connected)) >= 1
@@ -290,7 +152,7 @@ async def test_simultaneous_connect_gives_one_connection_each(reactor: Any, worl
 
 
 @pytest_twisted.ensureDeferred
-async def test_crossing_syns_connect_on_both_sides(reactor: Any, world: World) -> None:
+async def test_crossing_syns_connect_on_both_sides(reactor: Any, world: SocketWorld) -> None:
     """SYNs that cross (a true simultaneous open) make connect() succeed on both sides."""
     a, b = world.shared_port(), world.shared_port()
     a_accepted = world.peers()
@@ -310,20 +172,17 @@ async def test_crossing_syns_connect_on_both_sides(reactor: Any, world: World) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_refused(reactor: Any, world: World) -> None:
+async def test_connect_refused(reactor: Any, world: SocketWorld) -> None:
     """A closed remote port fails the connect with ConnectionRefusedError."""
-    probe = socket.socket()
-    probe.bind((LOCALHOST, 0))
-    closed = probe.getsockname()[1]
-    probe.close()
+    closed = closed_port()
     shared = world.shared_port()
     with pytest.raises(error.ConnectionRefusedError):
         await within(reactor, shared.connect((LOCALHOST, closed), world.peers(), timeout=STEP))
-    assert _attempts(reactor) == []
+    assert attempts(reactor) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_times_out(reactor: Any, world: World) -> None:
+async def test_connect_times_out(reactor: Any, world: SocketWorld) -> None:
     """A remote that drops SYNs fails the connect with TimeoutError after the timeout."""
     dropping = world.full_listener()
     shared = world.shared_port()
@@ -331,29 +190,29 @@ async def test_connect_times_out(reactor: Any, world: World) -> None:
     with pytest.raises(error.TimeoutError):
         await within(reactor, shared.connect((LOCALHOST, dropping), world.peers(), timeout=0.2))
     assert 0.15 < time.monotonic() - started < STEP
-    assert _attempts(reactor) == []
+    assert attempts(reactor) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_closes_socket(reactor: Any, world: World) -> None:
+async def test_cancel_closes_socket(reactor: Any, world: SocketWorld) -> None:
     """Cancelling a pending connect closes its socket and stops watching it."""
     dropping = world.full_listener()
     shared = world.shared_port()
     connecting = shared.connect((LOCALHOST, dropping), world.peers(), timeout=STEP)
-    [attempt] = _attempts(reactor)
+    [attempt] = attempts(reactor)
     fd = attempt.fileno()
     assert fd >= 0
     connecting.cancel()
     with pytest.raises(CancelledError):
         await connecting
-    assert _attempts(reactor) == []
+    assert attempts(reactor) == []
     assert attempt.fileno() == -1
     with pytest.raises(OSError):  # noqa: PT011 -- EBADF, the descriptor is closed
         os.fstat(fd)
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_cancels_pending_connect(reactor: Any, world: World) -> None:
+async def test_close_cancels_pending_connect(reactor: Any, world: SocketWorld) -> None:
     """close() cancels a connect still in progress."""
     dropping = world.full_listener()
     shared = world.shared_port()
@@ -361,11 +220,11 @@ async def test_close_cancels_pending_connect(reactor: Any, world: World) -> None
     await within(reactor, shared.close())
     with pytest.raises(CancelledError):
         await connecting
-    assert _attempts(reactor) == []
+    assert attempts(reactor) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_low_ttl_connects_and_restores_default(reactor: Any, world: World) -> None:
+async def test_low_ttl_connects_and_restores_default(reactor: Any, world: SocketWorld) -> None:
     """ttl=1 connects on loopback and the connected socket has the default TTL again."""
     fresh = socket.socket()
     default = fresh.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
@@ -383,7 +242,7 @@ async def test_low_ttl_connects_and_restores_default(reactor: Any, world: World)
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_releases_port(reactor: Any, world: World) -> None:
+async def test_close_releases_port(reactor: Any, world: SocketWorld) -> None:
     """After close() the port number binds again, shared or plain."""
     shared = world.shared_port()
     number = shared.bind()[1]
@@ -401,7 +260,7 @@ async def test_close_releases_port(reactor: Any, world: World) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_plain_socket_cannot_take_shared_port(reactor: Any, world: World) -> None:
+async def test_plain_socket_cannot_take_shared_port(reactor: Any, world: SocketWorld) -> None:
     """While shared, the port refuses a socket without SO_REUSEPORT."""
     number = world.shared_port().bind()[1]
     plain = socket.socket()
@@ -413,7 +272,7 @@ async def test_plain_socket_cannot_take_shared_port(reactor: Any, world: World) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_bind_refused_raises_cannot_listen(reactor: Any, world: World) -> None:
+async def test_bind_refused_raises_cannot_listen(reactor: Any, world: SocketWorld) -> None:
     """bind() on a port a plain socket holds raises CannotListenError naming SO_REUSEPORT."""
     plain = socket.socket()
     try:
@@ -426,7 +285,7 @@ async def test_bind_refused_raises_cannot_listen(reactor: Any, world: World) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_factory_without_protocol_fails_and_closes(reactor: Any, world: World) -> None:
+async def test_factory_without_protocol_fails_and_closes(reactor: Any, world: SocketWorld) -> None:
     """A factory that builds no protocol fails the connect with NoProtocol; no socket kept."""
     remote, remote_peers = world.listen_plain()
 
@@ -440,12 +299,12 @@ async def test_factory_without_protocol_fails_and_closes(reactor: Any, world: Wo
             reactor,
             shared.connect((LOCALHOST, remote.getHost().port), Refusing(), timeout=STEP),  # type: ignore[attr-defined]
         )
-    await _settle(reactor, lambda: bool(remote_peers.made) and remote_peers.made[0].lost.called)
+    await settle(reactor, lambda: bool(remote_peers.made) and remote_peers.made[0].lost.called)
     assert remote_peers.made[0].lost.called
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_endpoint_connects_from_shared_port(reactor: Any, world: World) -> None:
+async def test_client_endpoint_connects_from_shared_port(reactor: Any, world: SocketWorld) -> None:
     """client_endpoint() is an IStreamClientEndpoint connecting from the shared port."""
     remote, remote_peers = world.listen_plain()
     shared = world.shared_port()
@@ -455,5 +314,5 @@ async def test_client_endpoint_connects_from_shared_port(reactor: Any, world: Wo
     mine = await within(reactor, endpoint.connect(world.peers()))
     assert isinstance(mine, Peer)
     assert mine.ports[0] == shared.port
-    await _settle(reactor, lambda: len(remote_peers.made) == 1)
+    await settle(reactor, lambda: len(remote_peers.made) == 1)
     assert remote_peers.made[0].ports[1] == shared.port

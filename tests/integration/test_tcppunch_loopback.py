@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -26,7 +26,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from nattraverse.identity import Identity
@@ -39,19 +38,18 @@ from nattraverse.secure import (
     PunchTransport,
     SecurePath,
 )
+from tests.integration.tcp_socket_support import (
+    LOCALHOST,
+    STEP,
+    Recorder,
+    attempts,
+    closed_port,
+    settle,
+    within,
+)
 
-T = TypeVar("T")
-
-LOCALHOST = "127.0.0.1"
-#: Seconds any one wait may take before the test fails instead of hanging.
-STEP = 10.0
 #: The timeout given to punches and paths.
 TIMEOUT = 5.0
-
-
-def within(reactor: Any, d: Deferred[T], seconds: float = STEP) -> Deferred[T]:
-    """*d*, failing with TimeoutError after *seconds*."""
-    return d.addTimeout(seconds, reactor)
 
 
 class TrackedPath(SecurePath):
@@ -65,32 +63,6 @@ class TrackedPath(SecurePath):
         super().connectionLost(reason)
         if not self.closed.called:
             self.closed.callback(None)
-
-
-class App(Protocol):
-    """Records what arrives; :meth:`expect` waits for an amount of it."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost: Deferred[None] = Deferred()
-        self._waiting: list[tuple[int, Deferred[bytes]]] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        ready = [(n, d) for n, d in self._waiting if len(self.received) >= n]
-        self._waiting = [(n, d) for n, d in self._waiting if len(self.received) < n]
-        for _, d in ready:
-            d.callback(self.received)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.lost.called:
-            self.lost.callback(None)
-
-    def expect(self, size: int) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append((size, d))
-        self.dataReceived(b"")
-        return d
 
 
 @dataclass
@@ -117,7 +89,7 @@ class World:
         self.ports: list[TcpPunchingPort] = []
         self.shared: list[SharedTcpPort] = []
         self.paths: list[TrackedPath] = []
-        self.apps: list[App] = []
+        self.apps: list[Recorder] = []
         self.punches: list[Deferred[SecurePath]] = []
 
     def punching_port(self, config: TcpPunchConfig | None = None) -> TcpPunchingPort:
@@ -162,9 +134,9 @@ class World:
         self.punches.append(d)
         return d
 
-    async def client(self, port: int) -> App:
+    async def client(self, port: int) -> Recorder:
         """A plain TCP client connected to 127.0.0.1:*port*."""
-        app = App()
+        app = Recorder()
         self.apps.append(app)
         endpoint = TCP4ClientEndpoint(self.reactor, LOCALHOST, port, timeout=STEP)
         await within(self.reactor, endpoint.connect(Factory.forProtocol(lambda: app)))
@@ -204,11 +176,6 @@ def _ours(reactor: Any) -> list[Any]:
     return calls
 
 
-def _attempts(reactor: Any) -> list[Any]:
-    """The pending SharedTcpPort connects the reactor watches."""
-    return [w for w in reactor.getWriters() if type(w).__name__ == "_Attempt"]
-
-
 @pytest_twisted.async_yield_fixture
 async def world(reactor: Any) -> AsyncIterator[World]:
     """A World; afterwards no timer or pending connect of ours is left."""
@@ -217,11 +184,9 @@ async def world(reactor: Any) -> AsyncIterator[World]:
         yield w
     finally:
         await w.close()
-    deadline = time.monotonic() + STEP
-    while (_ours(reactor) or _attempts(reactor)) and time.monotonic() < deadline:
-        await deferLater(reactor, 0.01, lambda: None)
+    await settle(reactor, lambda: not _ours(reactor) and not attempts(reactor))
     assert _ours(reactor) == []
-    assert _attempts(reactor) == []
+    assert attempts(reactor) == []
 
 
 def _established(local: int, remote: int) -> int:
@@ -307,12 +272,12 @@ async def test_two_ports_punch_each_other(
 
     path_a = await within(reactor, punch_a)
     assert path_a.role == "caller"
-    app_a = App()
+    app_a = Recorder()
     selected: object = path_a.select(Factory.forProtocol(lambda: app_a))
     assert selected is app_a
     path_b = await within(reactor, punch_b)  # the callee's path fires on the selection
     assert path_b.role == "callee"
-    app_b = App()
+    app_b = Recorder()
     attached: object = path_b.attach(Factory.forProtocol(lambda: app_b))
     assert attached is app_b
 
@@ -345,13 +310,7 @@ async def test_two_ports_punch_each_other(
 @pytest_twisted.ensureDeferred
 async def test_punching_silent_port_fails_refused(reactor: Any, world: World, target: str) -> None:
     """Punching a port where nothing listens fails at the deadline: refused, several SYNs."""
-    if target == "reserved":
-        number = world.silent_port()
-    else:
-        sock = socket.socket()
-        sock.bind((LOCALHOST, 0))
-        number = sock.getsockname()[1]
-        sock.close()
+    number = world.silent_port() if target == "reserved" else closed_port()
     port = world.punching_port(TcpPunchConfig(deadline=1))
     make, made = world.maker(
         Identity.generate(), "caller", Introduction().for_caller(), send_preamble=True

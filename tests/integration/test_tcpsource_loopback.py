@@ -8,14 +8,10 @@ socket, pending connect or timer behind (the ``world`` fixture checks).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
-import os
-import socket
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -24,98 +20,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import error, ssl
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     clientFromString,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IAddress, IListeningPort, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from nattraverse.punch.tcpport import SharedTcpPort
 from nattraverse.punch.tcpsource import from_shared_port
-
-T = TypeVar("T")
-
-LOCALHOST = "127.0.0.1"
-#: Seconds any one step may take before the test fails instead of hanging.
-STEP = 10.0
-
-
-class Peer(Protocol):
-    """Echoes when :attr:`echo` is set; records what arrives and its source port."""
-
-    def __init__(self, echo: bool) -> None:
-        self.echo = echo
-        self.received = b""
-        self.source_port: int | None = None
-        self.lost: Deferred[None] = Deferred()
-        self._waiting: list[tuple[int, Deferred[bytes]]] = []
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        peer = self.transport.getPeer()
-        assert isinstance(peer, IPv4Address)
-        self.source_port = peer.port
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.echo:
-            assert self.transport is not None
-            self.transport.write(data)
-        ready = [(n, d) for n, d in self._waiting if len(self.received) >= n]
-        self._waiting = [(n, d) for n, d in self._waiting if len(self.received) < n]
-        for _, d in ready:
-            d.callback(self.received)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost.callback(None)
-
-    def expect(self, size: int) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append((size, d))
-        self.dataReceived(b"")
-        return d
-
-
-class Peers(Factory):
-    """Builds :class:`Peer` protocols and keeps them all."""
-
-    def __init__(self, echo: bool) -> None:
-        self.echo = echo
-        self.made: list[Peer] = []
-
-    def buildProtocol(self, addr: IAddress | None) -> Peer:
-        peer = Peer(self.echo)
-        peer.factory = self
-        self.made.append(peer)
-        return peer
-
-
-def _open_fds() -> int:
-    """How many sockets this process holds open."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
-    return count
-
-
-def within(reactor: Any, d: Deferred[T], seconds: float = STEP) -> Deferred[T]:
-    """*d*, failing with TimeoutError after *seconds*."""
-    return d.addTimeout(seconds, reactor)
-
-
-async def _settle(reactor: Any, done: Callable[[], bool]) -> None:
-    """Let the reactor run until done() holds, for at most STEP seconds."""
-    deadline = time.monotonic() + STEP
-    while not done() and time.monotonic() < deadline:
-        await deferLater(reactor, 0.01, lambda: None)
+from tests.integration.tcp_socket_support import (
+    LOCALHOST,
+    Peer,
+    Peers,
+    SocketWorld,
+    closed_port,
+    nothing_left,
+    open_sockets,
+    within,
+)
 
 
 def _certificate(name: str) -> tuple[bytes, bytes]:
@@ -148,32 +74,13 @@ def _certificate(name: str) -> tuple[bytes, bytes]:
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
 
 
-class World:
-    """Everything a test opens, closed by the fixture."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.shared: list[SharedTcpPort] = []
-        self.listening: list[IListeningPort] = []
-        self.factories: list[Peers] = []
-        self.sockets: list[socket.socket] = []
-
-    def shared_port(self) -> SharedTcpPort:
-        shared = SharedTcpPort(self.reactor, LOCALHOST)
-        self.shared.append(shared)
-        return shared
-
-    def peers(self, *, echo: bool = False) -> Peers:
-        peers = Peers(echo)
-        self.factories.append(peers)
-        return peers
+class World(SocketWorld):
+    """Everything a test opens, closed by the fixture; servers echo."""
 
     def server(self) -> tuple[int, Peers]:
         """An echo server on 127.0.0.1: its port and the peers it accepts."""
-        peers = self.peers(echo=True)
-        port = self.reactor.listenTCP(0, peers, interface=LOCALHOST)
-        self.listening.append(port)
-        return port.getHost().port, peers
+        port, peers = self.listen_plain(echo=True)
+        return port.getHost().port, peers  # type: ignore[attr-defined]
 
     def tls_server(self, key_pem: bytes, cert_pem: bytes) -> tuple[int, Peers]:
         """A TLS echo server on 127.0.0.1 with that key and certificate."""
@@ -183,49 +90,12 @@ class World:
         self.listening.append(port)
         return port.getHost().port, peers
 
-    def dropping(self) -> int:
-        """A raw listener whose accept queue is full, so that it drops SYNs; its port."""
-        listener = socket.socket()
-        self.sockets.append(listener)
-        listener.bind((LOCALHOST, 0))
-        listener.listen(0)
-        number: int = listener.getsockname()[1]
-        # Loopback completes the handshake inside connect(); backlog 0 holds one.
-        self.sockets.append(socket.create_connection((LOCALHOST, number), timeout=STEP))
-        return number
-
-    async def close(self) -> None:
-        for shared in self.shared:
-            await within(self.reactor, shared.close())
-        for port in self.listening:
-            await within(self.reactor, port.stopListening())  # type: ignore[arg-type]
-        for peers in self.factories:
-            for peer in peers.made:
-                if peer.transport is not None and not peer.lost.called:
-                    peer.transport.loseConnection()
-                    await within(self.reactor, peer.lost)
-        for sock in self.sockets:
-            sock.close()
-
 
 @pytest_twisted.async_yield_fixture
 async def world(reactor: Any) -> AsyncIterator[World]:
     """A World; afterwards no descriptor, pending connect or new timer is left."""
-    fds = _open_fds()
-    before = set(reactor.getDelayedCalls())
-    w = World(reactor)
-    try:
+    async with nothing_left(reactor, World(reactor)) as w:
         yield w
-    finally:
-        await w.close()
-
-    def new_calls() -> list[Any]:
-        return [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
-
-    await _settle(reactor, lambda: _open_fds() == fds and not new_calls())
-    assert _open_fds() == fds
-    assert new_calls() == []
-    assert [w for w in reactor.getWriters() if type(w).__name__ == "_Attempt"] == []
 
 
 async def _round_trip(
@@ -240,7 +110,7 @@ async def _round_trip(
     client.transport.write(b"hello")
     assert await within(reactor, client.expect(5)) == b"hello"
     assert len(server.made) == 1
-    assert server.made[0].source_port == shared.port
+    assert server.made[0].ports[1] == shared.port
     return shared
 
 
@@ -301,10 +171,7 @@ async def test_tls_keeps_verifying_the_name(reactor: Any, world: World) -> None:
 @pytest_twisted.ensureDeferred
 async def test_refused_leaves_nothing(reactor: Any, world: World) -> None:
     """A closed remote port fails with ConnectionRefusedError; the fixture finds no socket."""
-    probe = socket.socket()
-    probe.bind((LOCALHOST, 0))
-    closed = probe.getsockname()[1]
-    probe.close()
+    closed = closed_port()
     shared = world.shared_port()
     endpoint = from_shared_port(HostnameEndpoint(reactor, "localhost", closed), shared)
     with pytest.raises(error.ConnectionRefusedError):
@@ -319,16 +186,16 @@ async def test_cancel_while_connecting_closes_the_socket(
     """Cancelling a pending connect (plain or TLS) closes its socket at once."""
     shared = world.shared_port()
     shared.bind()
-    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, LOCALHOST, world.dropping())
+    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, LOCALHOST, world.full_listener())
     if tls:
         endpoint = wrapClientTLS(ssl.optionsForClientTLS("localhost"), endpoint)
-    fds = _open_fds()
+    fds = open_sockets()
     d = from_shared_port(endpoint, shared).connect(world.peers())
-    assert _open_fds() == fds + 1  # the SYN is out, the socket waits
+    assert open_sockets() == fds + 1  # the SYN is out, the socket waits
     d.cancel()
     with pytest.raises(CancelledError):
         await d
-    assert _open_fds() == fds
+    assert open_sockets() == fds
 
 
 @pytest_twisted.ensureDeferred
