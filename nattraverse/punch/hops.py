@@ -1,6 +1,7 @@
 """
-How many NATs sit between this host and the internet: the hop count that
-chooses the TTL of low-TTL SYN priming (:mod:`nattraverse.punch.tcppunch`).
+How many NATs sit between this host and the internet, and whether a router
+follows them: the hop count that chooses the TTL of low-TTL SYN priming
+(:mod:`nattraverse.punch.tcppunch`).
 
 The method, traceroute's, without raw sockets (Linux ``IP_RECVERR``): one
 UDP datagram to the rendezvous' address per TTL from 1 to
@@ -11,18 +12,23 @@ answers from its inside (LAN) address, a private one, since the datagram
 dies before it is translated; the first router past the outermost NAT
 answers from a public one.  The NAT count is the number of leading TTLs
 whose Time Exceeded came from an inside address (RFC 1918, RFC 6598
-shared space, link-local), and a SYN with TTL *count + 1*
-passes every one of this host's NATs, opening their mappings, and dies at
-the next router: before the peer's NAT, or at it (a router drops an expired
-packet before its filter sees it, so the peer's NAT neither answers with a
-RST nor records the SYN).
+shared space, link-local), and a SYN with TTL *count + 1* passes every one
+of this host's NATs, opening their mappings, and dies at that router.
+
+Priming needs that router.  Where none answered at *count + 1* (the
+datagram reached the rendezvous itself: the outermost NAT shares a segment
+with public hosts), a SYN with that TTL may reach the peer's NAT as well,
+and a NAT's connection tracking sees a packet before its routing drops it
+for its TTL: Linux records the SYN (a simultaneous open, ``SYN_SENT2``,
+when the peer's own SYN had opened the entry) and from then on accepts
+from this side only SYNs within the TCP window of that one, so every fresh
+``connect()`` is dropped as invalid.  Then there is no priming.
 
 The datagrams go to the rendezvous only, at its TCP port, where nothing
-listens for UDP; :meth:`HopCount.nat_hops` reads the error queues without
+listens for UDP; :meth:`HopCount.answers` reads the error queues without
 waiting, so the caller starts the count when its session opens and reads it
 at the introduction, a round trip later.  Without ``IP_RECVERR`` (not
-Linux), or when no Time Exceeded came back, the count is unknown and
-priming is off.
+Linux), or when no Time Exceeded came back, there is no priming.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from collections.abc import Mapping
 from typing import Final
 
 __all__ = ["MAX_TTL", "HopCount", "priming_ttl"]
@@ -58,11 +65,20 @@ def _inside(address: str) -> bool:
     return any(ip in network for network in _INSIDE)
 
 
-def priming_ttl(nat_hops: int | None) -> int | None:
-    """The TTL of a priming SYN for *nat_hops* NATs; ``None`` (no priming) without any."""
-    if not nat_hops:
+def priming_ttl(answers: Mapping[int, str]) -> int | None:
+    """
+    The TTL of a priming SYN, from *answers* (TTL to the address of the
+    router whose Time Exceeded came back): one more than the leading hops
+    that answered from a NAT's inside address, provided a router with a
+    public address answered at that TTL; otherwise ``None`` (no priming: no
+    NAT, or nothing known to stop the SYN before the peer's NAT).
+    """
+    nats = 0
+    while (offender := answers.get(nats + 1)) is not None and _inside(offender):
+        nats += 1
+    if nats == 0 or answers.get(nats + 1) is None:
         return None
-    return nat_hops + 1
+    return nats + 1
 
 
 class HopCount:
@@ -111,23 +127,13 @@ class HopCount:
                     self._answers[ttl] = offender
                     break
 
-    def nat_hops(self) -> int | None:
+    def answers(self) -> dict[int, str]:
         """
-        The number of leading hops that answered from a NAT's kind of
-        inside address,
-        from what has arrived so far; ``None`` when the first hop has not
-        answered (no count).
+        What has arrived so far: each TTL whose datagram drew a Time
+        Exceeded, with the address of the router that sent it.
         """
         self._collect()
-        count = 0
-        for ttl in range(1, len(self._sockets) + 1):
-            offender = self._answers.get(ttl)
-            if offender is None or not _inside(offender):
-                break
-            count += 1
-        if count == 0 and 1 not in self._answers:
-            return None
-        return count
+        return dict(self._answers)
 
     def close(self) -> None:
         """Close the sockets; idempotent."""

@@ -505,9 +505,13 @@ class TcpPunchingPort:
 
         if self._hops is None or self.config.prime_ttl is not None:
             return self.config
-        hops = self._hops.nat_hops()
-        ttl = priming_ttl(hops)
-        _log.debug("{hops} NAT hops counted: priming TTL {ttl}", hops=hops, ttl=ttl)
+        answers = self._hops.answers()
+        ttl = priming_ttl(answers)
+        _log.debug(
+            "Time Exceeded from {routers}: priming TTL {ttl}",
+            routers=", ".join(f"{a} (TTL {t})" for t, a in sorted(answers.items())) or "none",
+            ttl=ttl,
+        )
         return self.config if ttl is None else replace(self.config, prime_ttl=ttl)
 
     def punch(

@@ -52,8 +52,8 @@ INBOUNDS = (Inbound.DROP, Inbound.REJECT)
 #: Why a pair behind NATs that answer unsolicited SYNs with a RST may fail.
 #: Linux conntrack forgets a NAT's entry as soon as a RST answers a SYN it
 #: sent, so the SYNs must cross within the one-way delay between the NATs
-#: (0 here); the RST also means our own SYN, low TTL or not, reaches the
-#: peer's NAT here, where no router sits between them to end a priming SYN.
+#: (0 here); no router sits between the NATs here, so neither side primes
+#: (a priming SYN could only end at the peer's NAT; see nattraverse.punch.hops).
 #: And once the peer's SYN has met an entry (SYN_SENT2), the NAT accepts
 #: from this side only SYNs within the TCP window of its last one (about
 #: 4 ms of Linux's sequence clock).  Each served pair fails about 1 run in
@@ -191,3 +191,37 @@ def test_tcp_connects_when_one_peer_starts_late(
     assert mine["method"] == "tcp"
     assert theirs["method"] == "tcp"
     assert host_of(mine["remote"]) == callee.public_address
+
+
+@pytest.mark.parametrize("late", ["none", "caller", "callee"])
+def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None:
+    """
+    Each NAT sits behind an ISP's router (a public hop between it and the
+    lab's internet), where a priming SYN with TTL 2 dies: both sides prime,
+    and the pair connects by TCP, also with one peer 300 ms late.
+    """
+    isp_a = lab.nat("ispa", Preset.OPEN)
+    isp_b = lab.nat("ispb", Preset.OPEN)
+    nata = lab.nat("nata", Preset.PORT_RESTRICTED, wan=isp_a)
+    natb = lab.nat("natb", Preset.PORT_RESTRICTED, wan=isp_b)
+    if late == "none":
+        lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
+    else:
+        slow = natb if late == "caller" else nata
+        lab.public_host(
+            "rendezvous",
+            RENDEZVOUS_ADDRESS,
+            delay_ms=LATE_START_MS,
+            delay_only_to=[slow.wan_address],
+        )
+    callee = lab.host("callee", behind=nata)
+    caller = lab.host("caller", behind=natb)
+    mine, theirs = echo_through(
+        lab, caller, callee, tmp_path, caller_args=TCP_ONLY, callee_args=TCP_ONLY
+    )
+    assert mine["method"] == "tcp"
+    assert theirs["method"] == "tcp"
+    assert host_of(mine["remote"]) == callee.public_address
+    # The callee's log (--verbose): it counted its NAT and the ISP's router.
+    log = (tmp_path / "callee.err").read_text()
+    assert f"{isp_a.lan_address} (TTL 2): priming TTL 2" in log, log[-2000:]
