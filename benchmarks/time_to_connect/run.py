@@ -12,6 +12,9 @@ The median is compared with the lower bound: the introduction reaching both
 peers (TCP connect to the rendezvous, ``Hello``, ``Authenticate``,
 ``Connect``) plus one round trip between the peers.  See README.md for the
 formula.  Target: 1.5x the bound or better, with ``--methods udp``.
+``--methods tcp`` (TCP hole punching, issue 6) is measured against the same
+bound; ``--inbound reject`` makes the NATs answer unsolicited packets (a
+punching SYN that arrives first) with a RST instead of dropping them.
 
 Root only (it builds network namespaces); the lab, with every process
 started in it, is removed on exit, on Ctrl-C and on SIGTERM.
@@ -46,7 +49,7 @@ from tests.lab.punch_support import (  # noqa: E402 (needs the repository on sys
     rendezvous,
     reports,
 )
-from tests.natlab import Lab, LabError, LabUnavailable, Node, Preset  # noqa: E402
+from tests.natlab import Inbound, Lab, LabError, LabUnavailable, Node, Preset  # noqa: E402
 
 #: The target: the median time to connect within this many lower bounds.
 TARGET_RATIO = 1.5
@@ -62,6 +65,7 @@ DEFAULT_DELAY_MS = 10.0
 DEFAULT_RUNS = 5
 DEFAULT_WARMUP = 1
 DEFAULT_METHODS = "udp"
+DEFAULT_INBOUND = Inbound.DROP.value
 #: Seconds one caller may run before it is killed (natcat's own timeout is 30 s).
 RUN_TIMEOUT = 45.0
 
@@ -135,11 +139,14 @@ def parse_pair(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _side(lab: Lab, role: str, kind: str, delay_ms: float) -> Node:
-    """A public host, or a host behind a NAT of *kind* whose WAN link is delayed."""
+def _side(lab: Lab, role: str, kind: str, delay_ms: float, inbound: str) -> Node:
+    """
+    A public host, or a host behind a NAT of *kind* whose WAN link is
+    delayed and which drops or rejects unsolicited packets (*inbound*).
+    """
     if kind == PUBLIC:
         return lab.public_host(role, delay_ms=delay_ms)
-    nat = lab.nat(f"nat{role}", kind, delay_ms=delay_ms)
+    nat = lab.nat(f"nat{role}", kind, delay_ms=delay_ms, inbound=inbound)
     return lab.host(role, behind=nat)
 
 
@@ -151,13 +158,14 @@ def measure_pair(
     warmup: int,
     delay_ms: float,
     rendezvous_delay_ms: float,
+    inbound: str = DEFAULT_INBOUND,
 ) -> PairResult:
     """Build the lab of one pair, time *warmup* + *runs* callers, remove the lab."""
     with Lab() as lab:
         try:
             server = lab.public_host("rendezvous", RENDEZVOUS_ADDRESS, delay_ms=rendezvous_delay_ms)
-            callee = _side(lab, "callee", pair[0], delay_ms)
-            caller = _side(lab, "caller", pair[1], delay_ms)
+            callee = _side(lab, "callee", pair[0], delay_ms, inbound)
+            caller = _side(lab, "caller", pair[1], delay_ms, inbound)
             lab.build()
         except (LabUnavailable, LabError) as e:
             raise BenchmarkError(f"cannot build the lab here: {e}") from e
@@ -232,6 +240,7 @@ def run_benchmark(
     warmup: int,
     delay_ms: float,
     rendezvous_delay_ms: float,
+    inbound: str = DEFAULT_INBOUND,
 ) -> tuple[list[PairResult], str]:
     """Measure every pair, one lab each; return the results and how links are delayed."""
     if sys.platform != "linux":
@@ -251,6 +260,7 @@ def run_benchmark(
             warmup=warmup,
             delay_ms=delay_ms,
             rendezvous_delay_ms=rendezvous_delay_ms,
+            inbound=inbound,
         )
         for pair in pairs
     ]
@@ -267,12 +277,13 @@ def format_report(
     delay_ms: float,
     rendezvous_delay_ms: float,
     impairment: str,
+    inbound: str = DEFAULT_INBOUND,
 ) -> str:
     """The figures as a table: median (min-max) over the counted runs."""
     lines = [
         f"time from connect() to connectionMade, natcat --methods {methods}; one-way delay "
         f"{delay_ms:g} ms on each NAT's WAN link, {rendezvous_delay_ms:g} ms on the "
-        f"rendezvous' (delay by {impairment})",
+        f"rendezvous' (delay by {impairment}); NATs {inbound} unsolicited packets",
         "bound = introduction at both peers (4 caller-rendezvous round trips) + 1 peer round "
         f"trip; target {TARGET_RATIO:g}x",
         "",
@@ -311,7 +322,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help="natcat --methods of both sides, e.g. udp, relay, direct (default: %(default)s)",
+        help="natcat --methods of both sides, e.g. udp, tcp, relay, direct (default: %(default)s)",
     )
     parser.add_argument(
         "--runs",
@@ -337,6 +348,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="one-way delay of the rendezvous' link (default: --delay-ms)",
+    )
+    parser.add_argument(
+        "--inbound",
+        choices=[i.value for i in Inbound],
+        default=DEFAULT_INBOUND,
+        help="what the NATs do with unsolicited packets, e.g. a punching SYN that arrives "
+        "before this side's own has left (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
@@ -366,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             delay_ms=args.delay_ms,
             rendezvous_delay_ms=args.rendezvous_delay_ms,
+            inbound=args.inbound,
         )
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -378,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "methods": args.methods,
             "delay_ms": args.delay_ms,
             "rendezvous_delay_ms": args.rendezvous_delay_ms,
+            "inbound": args.inbound,
             "impairment": impairment,
             "target_ratio": TARGET_RATIO,
             "seconds": time.monotonic() - started,
@@ -392,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 delay_ms=args.delay_ms,
                 rendezvous_delay_ms=args.rendezvous_delay_ms,
                 impairment=impairment,
+                inbound=args.inbound,
             )
         )
     return 1 if any(r.failures for r in results) else 0
