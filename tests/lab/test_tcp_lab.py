@@ -35,7 +35,7 @@ from tests.lab.punch_support import (
     refused_through,
 )
 from tests.lab.test_udp_lab import NOT_SERVED, SERVED
-from tests.natlab import Host, Inbound, Lab, Preset
+from tests.natlab import Host, Inbound, Lab, Nat, Preset
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -165,45 +165,12 @@ LATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("late", "inbound"), LATE_CASES)
-def test_tcp_connects_when_one_peer_starts_late(
-    lab: Lab, tmp_path: Path, late: str, inbound: Inbound
-) -> None:
+def _echo_by_tcp(lab: Lab, tmp_path: Path, nata: Nat, natb: Nat, late: str) -> Host:
     """
-    Everything the rendezvous sends one peer arrives 300 ms late, so that peer
-    starts punching 300 ms after the other (its SYNs meet a NAT that has
-    long dropped or rejected the other's): the pair still connects by TCP.
+    The rendezvous (its messages to the *late* side, ``"caller"`` or
+    ``"callee"``, 300 ms late; ``"none"``: none), the callee behind *nata*,
+    the caller behind *natb*: 1 MiB echoed by TCP.  Returns the callee.
     """
-    nata = lab.nat("nata", Preset.PORT_RESTRICTED, inbound=inbound)
-    natb = lab.nat("natb", Preset.PORT_RESTRICTED, inbound=inbound)
-    slow = natb if late == "caller" else nata
-    lab.public_host(
-        "rendezvous",
-        RENDEZVOUS_ADDRESS,
-        delay_ms=LATE_START_MS,
-        delay_only_to=[slow.wan_address],
-    )
-    callee = lab.host("callee", behind=nata)
-    caller = lab.host("caller", behind=natb)
-    mine, theirs = echo_through(
-        lab, caller, callee, tmp_path, caller_args=TCP_ONLY, callee_args=TCP_ONLY
-    )
-    assert mine["method"] == "tcp"
-    assert theirs["method"] == "tcp"
-    assert host_of(mine["remote"]) == callee.public_address
-
-
-@pytest.mark.parametrize("late", ["none", "caller", "callee"])
-def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None:
-    """
-    Each NAT sits behind an ISP's router (a public hop between it and the
-    lab's internet), where a priming SYN with TTL 2 dies: both sides prime,
-    and the pair connects by TCP, also with one peer 300 ms late.
-    """
-    isp_a = lab.nat("ispa", Preset.OPEN)
-    isp_b = lab.nat("ispb", Preset.OPEN)
-    nata = lab.nat("nata", Preset.PORT_RESTRICTED, wan=isp_a)
-    natb = lab.nat("natb", Preset.PORT_RESTRICTED, wan=isp_b)
     if late == "none":
         lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
     else:
@@ -222,6 +189,35 @@ def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None
     assert mine["method"] == "tcp"
     assert theirs["method"] == "tcp"
     assert host_of(mine["remote"]) == callee.public_address
+    return callee
+
+
+@pytest.mark.parametrize(("late", "inbound"), LATE_CASES)
+def test_tcp_connects_when_one_peer_starts_late(
+    lab: Lab, tmp_path: Path, late: str, inbound: Inbound
+) -> None:
+    """
+    Everything the rendezvous sends one peer arrives 300 ms late, so that peer
+    starts punching 300 ms after the other (its SYNs meet a NAT that has
+    long dropped or rejected the other's): the pair still connects by TCP.
+    """
+    nata = lab.nat("nata", Preset.PORT_RESTRICTED, inbound=inbound)
+    natb = lab.nat("natb", Preset.PORT_RESTRICTED, inbound=inbound)
+    _echo_by_tcp(lab, tmp_path, nata, natb, late)
+
+
+@pytest.mark.parametrize("late", ["none", "caller", "callee"])
+def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None:
+    """
+    Each NAT sits behind an ISP's router (a public hop between it and the
+    lab's internet), where a priming SYN with TTL 2 dies: both sides prime,
+    and the pair connects by TCP, also with one peer 300 ms late.
+    """
+    isp_a = lab.nat("ispa", Preset.OPEN)
+    isp_b = lab.nat("ispb", Preset.OPEN)
+    nata = lab.nat("nata", Preset.PORT_RESTRICTED, wan=isp_a)
+    natb = lab.nat("natb", Preset.PORT_RESTRICTED, wan=isp_b)
+    _echo_by_tcp(lab, tmp_path, nata, natb, late)
     # The callee's log (--verbose): it counted its NAT and the ISP's router.
     log = (tmp_path / "callee.err").read_text()
     assert f"{isp_a.lan_address} (TTL 2): priming TTL 2" in log, log[-2000:]
