@@ -33,6 +33,7 @@ from nattraverse.rendezvous.commands import (
     Authenticate,
     Connect,
     Hello,
+    Introduce,
     Lookup,
     Refresh,
     Register,
@@ -354,3 +355,16 @@ def introduce_args(**override: Any) -> dict[str, Any]:
     }
     args.update(override)
     return args
+
+
+class IntroducedPeer(amp.AMP):
+    """A bare AMP client of the real server: records the introductions it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.introduced: list[dict[str, Any]] = []
+
+    @Introduce.responder
+    def _introduce(self, **arguments: Any) -> dict[str, Any]:
+        self.introduced.append(arguments)
+        return {}

@@ -40,7 +40,13 @@ from nattraverse.rendezvous.commands import (
 from nattraverse.rendezvous.registration import Registration
 from nattraverse.rendezvous.server import RendezvousFactory
 from tests.deferreds import failed, succeeded
-from tests.unit.rendezvous.rendezvous_fakes import Handler, Network, call, introduce_args
+from tests.unit.rendezvous.rendezvous_fakes import (
+    Handler,
+    IntroducedPeer,
+    Network,
+    call,
+    introduce_args,
+)
 
 IDENTITIES = [Identity.generate() for _ in range(2)]
 SERVER = IPv4Address("TCP", "192.0.2.1", 8478)
@@ -58,19 +64,6 @@ BAD = [
 
 def wire(candidates: list[tuple[str, int]]) -> list[dict[str, Any]]:
     return [{"host": host, "port": port} for host, port in candidates]
-
-
-class RawPeer(amp.AMP):
-    """A bare AMP client: records the introductions the server sends."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.introduced: list[dict[str, Any]] = []
-
-    @Introduce.responder
-    def _introduce(self, **arguments: Any) -> dict[str, Any]:
-        self.introduced.append(arguments)
-        return {}
 
 
 class Loop:
@@ -121,9 +114,9 @@ class Loop:
         assert isinstance(session, RendezvousSession), session
         return session, observed[0]
 
-    def raw(self, identity: Identity, host: str) -> RawPeer:
+    def raw(self, identity: Identity, host: str) -> IntroducedPeer:
         """A bare AMP connection past Hello and Authenticate."""
-        peer = RawPeer()
+        peer = IntroducedPeer()
         self.join(peer, host)
         hello = self.call(peer, Hello, version=PROTOCOL_VERSION)
         self.call(
@@ -135,7 +128,7 @@ class Loop:
         return peer
 
     def call(
-        self, conn: RawPeer, command: type[amp.Command], /, **arguments: Any
+        self, conn: IntroducedPeer, command: type[amp.Command], /, **arguments: Any
     ) -> dict[str, Any]:
         """Send *command* on *conn*; its answer, or raise its error."""
         result = self.run(conn.callRemote(command, **arguments))  # type: ignore[no-untyped-call]

@@ -58,6 +58,7 @@ from nattraverse.tap import Options, makeService
 from tests.deferreds import failed, succeeded
 from tests.unit.rendezvous.rendezvous_fakes import (
     Handler,
+    IntroducedPeer,
     Network,
     call,
     introduce_args,
@@ -202,19 +203,6 @@ def test_key_depends_on_the_table_secret() -> None:
 # -- the server ---------------------------------------------------------------
 
 
-class Peer(amp.AMP):
-    """A minimal client: records the introductions the server sends."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.introduced: list[dict[str, Any]] = []
-
-    @Introduce.responder
-    def _introduce(self, **arguments: Any) -> dict[str, Any]:
-        self.introduced.append(arguments)
-        return {}
-
-
 class ServerRig:
     """A RendezvousFactory on a Clock, in-memory connections to it, and a STUN responder
     sharing its token table."""
@@ -225,11 +213,13 @@ class ServerRig:
         self.stun = BindingResponder(bindings=self.factory.udp_bindings)
         self.pumps: list[iosim.IOPump] = []
 
-    def connect(self, host: str) -> tuple[Peer, RendezvousServerProtocol, iosim.FakeTransport]:
+    def connect(
+        self, host: str
+    ) -> tuple[IntroducedPeer, RendezvousServerProtocol, iosim.FakeTransport]:
         address = IPv4Address("TCP", host, 40000 + len(self.pumps))
         server = self.factory.buildProtocol(address)
         assert server is not None
-        peer = Peer()
+        peer = IntroducedPeer()
         server_address = IPv4Address("TCP", "198.51.100.1", 8478)
         server_io = iosim.FakeTransport(server, True, server_address, address)
         self.pumps.append(
@@ -248,7 +238,9 @@ class ServerRig:
                 return
         raise AssertionError("the in-memory network does not settle")
 
-    def call(self, conn: Peer, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
+    def call(
+        self, conn: IntroducedPeer, command: type[amp.Command], **arguments: Any
+    ) -> dict[str, Any]:
         d = conn.callRemote(command, **arguments)  # type: ignore[no-untyped-call]
         out: list[Any] = []
         d.addBoth(out.append)
@@ -260,7 +252,7 @@ class ServerRig:
 
     def authenticated(
         self, identity: Identity, host: str
-    ) -> tuple[Peer, RendezvousServerProtocol, bytes]:
+    ) -> tuple[IntroducedPeer, RendezvousServerProtocol, bytes]:
         """A connection past Hello and Authenticate, and its UDP token."""
         peer, server, _ = self.connect(host)
         hello = self.call(peer, Hello, version=PROTOCOL_VERSION)
@@ -331,7 +323,9 @@ def test_shared_table_is_used() -> None:
     assert len(table) == 1
 
 
-def registered(rig: ServerRig, **register: Any) -> tuple[Peer, RendezvousServerProtocol, bytes]:
+def registered(
+    rig: ServerRig, **register: Any
+) -> tuple[IntroducedPeer, RendezvousServerProtocol, bytes]:
     peer, server, token = rig.authenticated(IDENTITIES[0], "203.0.113.7")
     arguments: dict[str, Any] = {"name": "alice", "listen_port": 8000, "private": []}
     arguments.update(register)
