@@ -123,16 +123,28 @@ class _PinnedConnection(QuicConnection):
         recovery = getattr(self, "_loss", None)
         return bool(getattr(recovery, "bytes_in_flight", 0))
 
-    def probe(self) -> None:
+    def probe(self, now: float) -> None:
         """
-        Send a probe PING with the next datagrams, as a probe timeout does:
-        it may exceed the congestion window (RFC 9002 section 7), which a
-        full window of lost packets would otherwise keep shut.
+        Probe as a probe timeout does, at once: send again the CRYPTO data
+        the peer has not acknowledged (or, once the handshake is confirmed,
+        the oldest unacknowledged packet) and a probe that may exceed the
+        congestion window (RFC 9002 sections 6.2.4 and 7), which a full
+        window of lost packets would otherwise keep shut.
+
+        The CRYPTO data matters most: a client's handshake is complete when
+        the server's flight arrives, the server's only when the client's
+        Finished does, and until then the server can read none of the
+        client's 1-RTT packets, so a bare PING cannot help.
         """
+        recovery = getattr(self, "_loss", None)
+        reschedule = getattr(recovery, "reschedule_data", None)
+        if reschedule is not None:
+            reschedule(now=now)
+            return
         send_probe = getattr(self, "_send_probe", None)
         if send_probe is not None:
             send_probe()
-        else:  # an aioquic without it: a PING that waits for the window
+        else:  # an aioquic without either: a PING that waits for the window
             self.send_ping(0)
 
     def sent_fin_acknowledged(self, stream_id: int) -> bool:

@@ -279,6 +279,7 @@ class QuicPath:
         self._started = True
         now = self._reactor.seconds()
         self._handshake_deadline = now + self._handshake_timeout
+        self._last_probe = now  # the first stall probe, a second after the Initial
         if self.role == "caller":
             self._quic.connect(self.remote, now=now)
         self._flush()
@@ -350,15 +351,19 @@ class QuicPath:
         """
         When to send a stall probe: :data:`STALL_PROBE` seconds after the
         last datagram arrived (or the last probe left) while packets await
-        acknowledgement, once authenticated.
+        acknowledgement, the handshake included.
 
         aioquic's own probe timeout doubles at each loss without limit; at
         half the packets lost a few probes lost in a row left a path silent
-        for longer than the idle timeout.  A PING is ack-eliciting: its ACK
-        resets that backoff and lets loss detection resend what was lost,
-        so the gap between probes stays bounded (as TCP bounds its RTO).
+        for longer than the idle timeout.  The probe resends what the peer
+        has not acknowledged (the handshake's CRYPTO data first, see
+        ``_PinnedConnection.probe``) and is ack-eliciting: its ACK resets
+        that backoff and lets loss detection resend the rest, so the gap
+        between tries stays bounded (as TCP bounds its RTO).  In a simulation
+        at 59% loss each way, 11 handshakes of 200 ended in the idle timeout
+        while the probe waited for the handshake to end and sent a bare PING.
         """
-        if self._next_ping is None or self._connection is None:
+        if self._terminated or self._connection is None:
             return None
         if not self._connection.in_flight():
             return None
@@ -392,7 +397,7 @@ class QuicPath:
         stall = self._stall_probe_at()
         if stall is not None and now >= stall:
             self._last_probe = now
-            self._quic.probe()
+            self._quic.probe(now)
         if self._next_ping is not None and now >= self._next_ping:
             self._ping_uid += 1
             self._quic.send_ping(self._ping_uid)
