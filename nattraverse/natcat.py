@@ -13,8 +13,8 @@ application uses.  ``--json-report`` writes one JSON object per connection
 to standard error, saying which method carried it.
 
 Exit status: 0 when the connection ended normally; 1 when it could not be
-made (the message lists every method tried and why it failed); 2 for bad
-usage.  See :doc:`/natcat`.
+made (the message lists every method tried and why it failed) or was lost
+(a dead path, a reset: the message says so); 2 for bad usage.  See :doc:`/natcat`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.stdio import StandardIO
@@ -364,8 +365,10 @@ class _PeerFactory(Factory):
 async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) -> int:
     done: defer.Deferred[None] = defer.Deferred()
     quit_call: list[IDelayedCall] = []
+    lost: list[Failure] = []
 
     def closed(peer: _Peer, reason: Failure) -> None:
+        lost.append(reason)
         for call in quit_call:
             if call.active():
                 call.cancel()
@@ -414,6 +417,10 @@ async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) ->
     await done
     stdio.loseConnection()  # flushes what the peer sent to stdout first
     await console.gone
+    if lost and not lost[0].check(ConnectionDone):
+        # Data may be missing: say so, and do not exit as if all was well.
+        stderr.write(f"natcat: the connection was lost: {lost[0].getErrorMessage()}\n")
+        return EXIT_FAILED
     return EXIT_OK
 
 

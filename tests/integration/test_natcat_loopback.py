@@ -117,6 +117,54 @@ def test_an_unknown_peer_fails_with_status_1(rendezvous: str) -> None:
     assert "nobody" in result.stderr.decode()
 
 
+@pytest.mark.parametrize("methods", ["direct", "relay"])
+def test_a_lost_connection_exits_1(rendezvous: str, tmp_path: Path, methods: str) -> None:
+    """
+    A callee that dies (SIGKILL) while connected: the caller does not exit 0
+    as after a normal end, but 1, saying the connection was lost.
+    """
+    name = f"bob-{methods}"  # a killed callee's name stays registered to its key
+    errors = tmp_path / "callee.err"
+    with errors.open("wb") as sink:
+        callee = subprocess.Popen(
+            _natcat(
+                "--listen", name, "--rendezvous", rendezvous, "--methods", methods,
+                "--identity", str(tmp_path / "bob.key"),
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            env=_environment(),
+        )  # fmt: skip
+    caller = None
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while f"listening as {name}" not in errors.read_text():
+            assert callee.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, errors.read_text()
+            time.sleep(0.05)
+        caller = subprocess.Popen(
+            _natcat(name, "--rendezvous", rendezvous, "--methods", methods, "--json-report"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=_environment(),
+        )
+        assert caller.stderr is not None
+        report = caller.stderr.readline()  # the JSON report: connected
+        assert report.startswith(b"{"), report
+        callee.kill()
+        callee.wait(5)
+        _, rest = caller.communicate(timeout=TIMEOUT)
+        assert caller.returncode == 1, rest.decode()
+        assert "natcat: the connection was lost" in rest.decode()
+    finally:
+        for process in (caller, callee):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(5)
+
+
 def test_the_tutorials_python_example_runs_twice(rendezvous: str, tmp_path: Path) -> None:
     """docs/examples/punch_echo.py echoes, and runs again at once (its key is kept)."""
     example = REPO_ROOT / "docs" / "examples" / "punch_echo.py"
