@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +97,19 @@ def _usage(out: dict[str, Any]) -> None:
     out["max_rss_mib"] = usage.ru_maxrss / 1024  # Linux counts KiB
 
 
+def _finisher(reactor: Any, out: dict[str, Any]) -> Callable[[], None]:
+    """What ends a child, once: its CPU time into *out*, *out* printed, the reactor stopped."""
+
+    def finish() -> None:
+        if "done" not in out:
+            out["done"] = True
+            _usage(out)
+            _emit(out)
+            reactor.callLater(0, reactor.stop)
+
+    return finish
+
+
 def _child_receive(options: argparse.Namespace) -> None:
     """
     The callee: register *name*, count the bytes of the first path that
@@ -111,12 +124,7 @@ def _child_receive(options: argparse.Namespace) -> None:
     total: int = options.bytes
     out: dict[str, Any] = {"role": "callee", "bytes": 0}
 
-    def finish() -> None:
-        if "done" not in out:
-            out["done"] = True
-            _usage(out)
-            _emit(out)
-            reactor.callLater(0, reactor.stop)
+    finish = _finisher(reactor, out)
 
     class Receiver(Protocol):
         def connectionMade(self) -> None:
@@ -171,12 +179,7 @@ def _child_send(options: argparse.Namespace) -> None:
     total: int = options.bytes
     out: dict[str, Any] = {"role": "caller", "sent": 0}
 
-    def finish() -> None:
-        if "done" not in out:
-            out["done"] = True
-            _usage(out)
-            _emit(out)
-            reactor.callLater(0, reactor.stop)
+    finish = _finisher(reactor, out)
 
     @implementer(IPushProducer)
     class Sender(Protocol):
