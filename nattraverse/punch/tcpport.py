@@ -71,6 +71,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from nattraverse.punch.isn import IsnPinningUnavailable, pin_isn
+
 __all__ = ["SharedTcpPort"]
 
 _log = Logger()
@@ -117,12 +119,18 @@ def _os_error(e: OSError) -> error.ConnectError:
     return _connect_error(e.errno) if e.errno else error.ConnectError(string=str(e))
 
 
-def _reuse_socket(family: socket.AddressFamily) -> socket.socket:
-    """A non-blocking TCP socket with ``SO_REUSEADDR`` and ``SO_REUSEPORT`` set."""
+def _reuse_socket(family: socket.AddressFamily, isn: int | None = None) -> socket.socket:
+    """
+    A non-blocking TCP socket with ``SO_REUSEADDR`` and ``SO_REUSEPORT`` set,
+    whose ``connect()`` sends its SYN with sequence number *isn* if given
+    (:func:`~nattraverse.punch.isn.pin_isn`).
+    """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if isn is not None:
+            pin_isn(sock, isn)  # first: leaving repair mode clears SO_REUSEADDR
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -170,6 +178,7 @@ class _Attempt:
         factory: IProtocolFactory,
         timeout: float,
         ttl: int | None,
+        isn: int | None,
         forget: Callable[[_Attempt], None],
     ) -> None:
         self._reactor = reactor
@@ -179,6 +188,7 @@ class _Attempt:
         self._factory = factory
         self._timeout = timeout
         self._ttl = ttl
+        self._isn = isn
         self._forget = forget
         self._sock: socket.socket | None = None
         self._saved_ttl: int | None = None
@@ -189,7 +199,7 @@ class _Attempt:
     def start(self) -> None:
         """Send the SYN; wait for the handshake or settle at once."""
         try:
-            self._sock = _reuse_socket(self._family)
+            self._sock = _reuse_socket(self._family, self._isn)
             self._sock.bind(self._local)
             if self._ttl is not None:
                 self._saved_ttl = self._sock.getsockopt(*_ttl_option(self._family))
@@ -200,6 +210,9 @@ class _Attempt:
                 # retransmitted SYN, the SYN-ACK of a simultaneous open)
                 # carries the default TTL and reaches the peer.
                 self._sock.setsockopt(*_ttl_option(self._family), self._saved_ttl)
+        except IsnPinningUnavailable as e:
+            self._fail(e)
+            return
         except OSError as e:
             self._fail(_os_error(e))
             return
@@ -447,6 +460,7 @@ class SharedTcpPort:
         *,
         timeout: float,
         ttl: int | None = None,
+        isn: int | None = None,
     ) -> Deferred[IProtocol]:
         """
         Connect from the shared port to *remote* (binding it first if needed).
@@ -456,10 +470,14 @@ class SharedTcpPort:
             :class:`~twisted.internet.error.TimeoutError`.
         :param ttl: the ``IP_TTL`` (hop limit) of the first SYN, for
             low-TTL priming; every later segment has the default.
+        :param isn: the sequence number of the SYN
+            (:func:`~nattraverse.punch.isn.pin_isn`, which needs
+            ``CAP_NET_ADMIN``); ``None``: the kernel's.
         :return: fires with the protocol *factory* built, after its
             ``makeConnection``; fails with ``ConnectionRefusedError``,
             ``NoRouteError``, ``TimeoutError`` or ``ConnectError`` (naming the
-            errno), ``NoProtocol`` when the factory builds none.  Cancelling
+            errno), :class:`~nattraverse.punch.isn.IsnPinningUnavailable`
+            when *isn* cannot be set, ``NoProtocol`` when the factory builds none.  Cancelling
             closes the socket.  Never raises.
         """
         try:
@@ -476,6 +494,7 @@ class SharedTcpPort:
             factory,
             timeout,
             ttl,
+            isn,
             self._pending.discard,
         )
         self._pending.add(attempt)

@@ -216,14 +216,12 @@ def _spy_connects(monkeypatch: pytest.MonkeyPatch, port: TcpPunchingPort) -> lis
     made: list[object] = []
     real = port.shared.connect
 
-    def connect(
-        remote: tuple[str, int], factory: Any, *, timeout: float, ttl: int | None = None
-    ) -> Deferred[Any]:
+    def connect(remote: tuple[str, int], factory: Any, **options: Any) -> Deferred[Any]:
         def record(protocol: object) -> object:
             made.append(protocol)
             return protocol
 
-        return real(remote, factory, timeout=timeout, ttl=ttl).addCallback(record)
+        return real(remote, factory, **options).addCallback(record)
 
     monkeypatch.setattr(port.shared, "connect", connect)
     return made

@@ -193,7 +193,7 @@ def test_low_ttl_is_only_the_first_syns(
     """The SYN sent inside connect() has the asked TTL; the default is back right after."""
     made: list[_Recording] = []
 
-    def recording(family: socket.AddressFamily) -> socket.socket:
+    def recording(family: socket.AddressFamily, isn: int | None = None) -> socket.socket:
         sock = _Recording(family, socket.SOCK_STREAM)
         sock.log = []
         sock.setblocking(False)

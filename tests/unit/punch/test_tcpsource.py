@@ -125,6 +125,7 @@ class FakePort(SharedTcpPort):
         *,
         timeout: float,
         ttl: int | None = None,
+        isn: int | None = None,
     ) -> Deferred[IProtocol]:
         self.calls.append((remote, factory, timeout))
         attempt: Deferred[IProtocol] = Deferred(lambda _: self.cancelled.append(remote))
