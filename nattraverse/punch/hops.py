@@ -15,14 +15,22 @@ whose Time Exceeded came from an inside address (RFC 1918, RFC 6598
 shared space, link-local), and a SYN with TTL *count + 1* passes every one
 of this host's NATs, opening their mappings, and dies at that router.
 
-Priming needs that router.  Where none answered at *count + 1* (the
-datagram reached the rendezvous itself: the outermost NAT shares a segment
-with public hosts), a SYN with that TTL may reach the peer's NAT as well,
-and a NAT's connection tracking sees a packet before its routing drops it
-for its TTL: Linux records the SYN (a simultaneous open, ``SYN_SENT2``,
-when the peer's own SYN had opened the entry) and from then on accepts
-from this side only SYNs within the TCP window of that one, so every fresh
-``connect()`` is dropped as invalid.  Then there is no priming.
+Where no router answered at *count + 1* (the datagram reached the
+rendezvous itself: the outermost NAT shares a segment with public hosts), a
+SYN with that TTL may reach the peer's NAT as well, and a NAT's connection
+tracking sees a packet before its routing drops it for its TTL: Linux
+records the SYN (a simultaneous open, ``SYN_SENT2``, when the peer's own
+SYN had opened the entry) and from then on accepts from this side only
+SYNs within the TCP window of that one.  With the kernel's ISNs every
+fresh ``connect()`` is then dropped as invalid, so there is no priming.
+When every SYN to a candidate carries one ISN (:mod:`~nattraverse.punch.isn`)
+the later SYNs are retransmissions of the recorded one, and priming at
+*count + 1* is worth trying: the router there may just be silent (many
+drop or rate-limit ICMP).  If the SYN does reach the peer's NAT, a NAT
+that drops unsolicited SYNs forwards it into its TTL's end or drops it,
+harmlessly; one that rejects them answers with a RST whatever the TTL
+(the SYN is addressed to the NAT itself), and priming stops for that
+candidate (:mod:`~nattraverse.punch.tcppunch`).
 
 The datagrams go to the rendezvous only, at its TCP port, where nothing
 listens for UDP; :meth:`HopCount.answers` reads the error queues without
@@ -65,18 +73,20 @@ def _inside(address: str) -> bool:
     return any(ip in network for network in _INSIDE)
 
 
-def priming_ttl(answers: Mapping[int, str]) -> int | None:
+def priming_ttl(answers: Mapping[int, str], *, may_reach_peer: bool = False) -> int | None:
     """
     The TTL of a priming SYN, from *answers* (TTL to the address of the
     router whose Time Exceeded came back): one more than the leading hops
     that answered from a NAT's inside address, provided a router with a
-    public address answered at that TTL; otherwise ``None`` (no priming: no
-    NAT, or nothing known to stop the SYN before the peer's NAT).
+    public address answered at that TTL or *may_reach_peer* (every SYN to a
+    candidate has one ISN, so a priming SYN that reaches the peer's NAT does
+    no harm); otherwise ``None`` (no priming: no NAT, or nothing known to
+    stop the SYN before the peer's NAT).
     """
     nats = 0
     while (offender := answers.get(nats + 1)) is not None and _inside(offender):
         nats += 1
-    if nats == 0 or answers.get(nats + 1) is None:
+    if nats == 0 or (answers.get(nats + 1) is None and not may_reach_peer):
         return None
     return nats + 1
 

@@ -21,18 +21,30 @@ a short pause, until its deadline.
 
 Low-TTL priming (STUNT #2, NATBlaster, without raw sockets): with
 :attr:`TcpPunchConfig.prime_ttl` set, the first SYN to each candidate leaves
-with that TTL, enough to open this side's NAT and too little to reach the
-peer's, which therefore neither drops it into oblivion nor answers with a
-RST; the peer's SYN then finds this side's NAT open.  Linux ends such a
+with that TTL, enough to open this side's NAT and too little to pass the
+peer's, which therefore neither delivers it nor answers with a RST; the
+peer's SYN then finds this side's NAT open.  Linux ends such a
 ``connect()`` at once when the ICMP Time Exceeded returns; the NAT's
-mapping stays, and the next ``connect()`` is an ordinary one.
+mapping stays, and the next ``connect()`` is an ordinary one.  A RST to a
+full SYN closes this side's NAT again (a Linux NAT forgets an entry whose
+only answer was a RST), so each is followed by a priming SYN at once.
+
+One ISN per candidate (:attr:`TcpPunchConfig.one_isn`,
+:mod:`~nattraverse.punch.isn`): every SYN to a candidate, priming or full,
+first or restarted, carries the same sequence number.  A Linux NAT that
+has recorded one of them (this side's own, or the peer's NAT when a
+priming SYN died there) then takes each later one as a retransmission,
+where a fresh ISN would be outside the recorded window and dropped as
+``INVALID``; that is what makes NATs that answer unsolicited SYNs with a
+RST punchable.
 """
 
 from __future__ import annotations
 
 import errno
+import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
@@ -43,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse.errors import PeerAuthenticationFailed
+from nattraverse.punch.isn import IsnPinningUnavailable, can_pin_isn
 from nattraverse.punch.synfilter import MAX_IGNORED
 
 if TYPE_CHECKING:
@@ -86,6 +99,10 @@ class TcpPunchConfig:
         count (:mod:`~nattraverse.punch.hops`) when *priming* is on.
     :ivar priming: Whether :class:`TcpPunchingPort` measures the hop count
         and primes.
+    :ivar one_isn: Whether every SYN to a candidate carries one sequence
+        number, chosen at random per candidate (see the module docstring;
+        needs ``CAP_NET_ADMIN``).  ``None``: :class:`TcpPunchingPort` turns
+        it on when this process can (:func:`~nattraverse.punch.isn.can_pin_isn`).
     """
 
     deadline: float = 10.0
@@ -95,6 +112,7 @@ class TcpPunchConfig:
     max_retry: float = 1.0
     prime_ttl: int | None = None
     priming: bool = True
+    one_isn: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("deadline", "syn_wait", "max_syn_wait", "retry", "max_retry"):
@@ -132,6 +150,7 @@ class _Candidate:
     """One remote address and what punching it has done so far."""
 
     remote: Address
+    isn: int | None = None
     syns: int = 0
     primes: int = 0
     prime_next: bool = False
@@ -193,7 +212,14 @@ class TcpPunch:
             if (host, number) not in unique:
                 unique.append((host, number))
         priming = self._config.prime_ttl is not None
-        self._candidates = [_Candidate(remote, prime_next=priming) for remote in unique]
+        self._candidates = [
+            _Candidate(
+                remote,
+                isn=secrets.randbits(32) if self._config.one_isn else None,
+                prime_next=priming,
+            )
+            for remote in unique
+        ]
         self._adopted: list[SecurePath] = []
         self._result: Deferred[SecurePath] | None = None
         self._deadline: IDelayedCall | None = None
@@ -249,7 +275,9 @@ class TcpPunch:
         if candidate.wait == 0.0:
             candidate.wait = config.syn_wait
         factory = _OnePath(self.make_path)
-        connecting = self._port.connect(candidate.remote, factory, timeout=candidate.wait, ttl=ttl)
+        connecting = self._port.connect(
+            candidate.remote, factory, timeout=candidate.wait, ttl=ttl, isn=candidate.isn
+        )
         candidate.connecting = connecting
         connecting.addCallbacks(
             self._connected,
@@ -275,6 +303,16 @@ class TcpPunch:
         if self._done or failure.check(CancelledError):
             return
         e = failure.value
+        if isinstance(e, IsnPinningUnavailable):
+            # The capability went away (it was there when the punch began):
+            # go on with the kernel's ISNs.
+            _log.info("TCP punching uses the kernel's ISNs from now on: {error}", error=str(e))
+            candidate.isn = None
+            candidate.syns -= 1
+            candidate.primes -= priming
+            candidate.prime_next = priming
+            self._connect(candidate)
+            return
         if priming:
             # The priming SYN died past this side's NATs (the ICMP Time
             # Exceeded ends its connect), or went unanswered: the NATs are
@@ -460,8 +498,15 @@ class TcpPunchingPort:
         from nattraverse.punch.tcpport import SharedTcpPort
 
         self._reactor = reactor
-        self.config = config or TcpPunchConfig()
         self.shared = SharedTcpPort(reactor, interface)
+        self.config = config or TcpPunchConfig()
+        if self.config.one_isn is None:
+            self.config = replace(self.config, one_isn=can_pin_isn(self.shared.family))
+            if not self.config.one_isn:
+                _log.debug(
+                    "TCP punching uses the kernel's ISNs (choosing them needs CAP_NET_ADMIN): "
+                    "NATs that answer unsolicited SYNs with a RST may not let it through"
+                )
         self._accept = accept
         self.running: TcpPunch | None = None
         self.closed = False
@@ -499,14 +544,12 @@ class TcpPunchingPort:
 
     def punch_config(self) -> TcpPunchConfig:
         """The config of the next punch: priming at the measured TTL, if any."""
-        from dataclasses import replace
-
         from nattraverse.punch.hops import priming_ttl
 
         if self._hops is None or self.config.prime_ttl is not None:
             return self.config
         answers = self._hops.answers()
-        ttl = priming_ttl(answers)
+        ttl = priming_ttl(answers, may_reach_peer=bool(self.config.one_isn))
         _log.debug(
             "Time Exceeded from {routers}: priming TTL {ttl}",
             routers=", ".join(f"{a} (TTL {t})" for t, a in sorted(answers.items())) or "none",

@@ -54,6 +54,25 @@ def test_no_priming(answers: dict[int, str]) -> None:
     assert priming_ttl(answers) is None
 
 
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        # A NAT on the segment of the rendezvous: the SYN may die at the peer's NAT.
+        ({1: "10.1.0.1"}, 2),
+        ({1: "10.2.0.1", 2: "100.64.0.1"}, 3),
+        # A router past the NATs: the same TTL as without one ISN.
+        ({1: "192.168.1.1", 2: "198.51.100.1"}, 2),
+        # Still no NAT, nothing known, or a silent first hop: no priming.
+        ({}, None),
+        ({1: "198.51.100.1"}, None),
+        ({2: "10.0.0.1", 3: "203.0.113.1"}, None),
+    ],
+)
+def test_priming_that_may_reach_the_peer(answers: dict[int, str], expected: int | None) -> None:
+    """With one ISN per candidate, priming needs no router past the NATs, only a NAT."""
+    assert priming_ttl(answers, may_reach_peer=True) == expected
+
+
 def test_loopback_draws_no_time_exceeded() -> None:
     """On loopback every datagram arrives: no router answers, no priming."""
     count = HopCount(("127.0.0.1", 9), max_ttl=3)

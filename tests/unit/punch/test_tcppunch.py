@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.punch.checks import CheckConfig
+from nattraverse.punch.isn import IsnPinningUnavailable
 from nattraverse.punch.tcppunch import (
     TcpPunch,
     TcpPunchConfig,
@@ -72,6 +73,7 @@ class Connect:
     timeout: float
     ttl: int | None
     at: float
+    isn: int | None = None
     deferred: Deferred[Any] = field(init=False)
     cancelled: bool = False
 
@@ -110,8 +112,9 @@ class FakePort:
         *,
         timeout: float,
         ttl: int | None = None,
+        isn: int | None = None,
     ) -> Deferred[Any]:
-        attempt = Connect(remote, factory, timeout, ttl, self.clock.seconds())
+        attempt = Connect(remote, factory, timeout, ttl, self.clock.seconds(), isn)
         self.connects.append(attempt)
         return attempt.deferred
 
@@ -241,6 +244,46 @@ def test_a_rst_to_a_primer_ends_priming_for_that_candidate(h: Harness) -> None:
     h.port.last(A).fail(error.ConnectionRefusedError())
     h.clock.advance(RETRY * 1.01)
     assert [c.ttl for c in h.port.to(A)] == [3, None, None]
+
+
+def test_one_isn_for_every_syn_to_a_candidate(h: Harness) -> None:
+    """With one_isn, priming, full, restarted and retried SYNs to a candidate share one ISN."""
+    config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=True)
+    h.start([A, B], config=config)
+    h.port.last(A).fail(error.NoRouteError())  # primed
+    h.port.last(A).fail(error.TimeoutError())  # restarted
+    h.port.last(A).fail(error.ConnectionRefusedError())  # primed again
+    h.port.last(A).fail(error.NoRouteError())
+    h.clock.advance(RETRY * 1.01)  # the full SYN after the pause
+    h.port.last(B).fail(error.NoRouteError())
+    assert [c.ttl for c in h.port.to(A)] == [3, None, None, 3, None]
+    isns_a = {c.isn for c in h.port.to(A)}
+    isns_b = {c.isn for c in h.port.to(B)}
+    assert len(isns_a) == len(isns_b) == 1
+    assert None not in isns_a | isns_b
+    assert isns_a != isns_b  # chosen per candidate (equal once in 2**32)
+
+
+def test_without_one_isn_the_kernel_chooses(h: Harness) -> None:
+    """one_isn off: no connect asks for an ISN."""
+    config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=False)
+    h.start([A], config=config)
+    h.port.last(A).fail(error.NoRouteError())
+    assert [c.isn for c in h.port.to(A)] == [None, None]
+
+
+def test_isn_pinning_lost_falls_back_to_the_kernels_isn(h: Harness) -> None:
+    """A connect that cannot pin its ISN is repeated at once without one, the primer kept."""
+    config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=True)
+    _, done = h.start([A], config=config)
+    h.port.last(A).fail(IsnPinningUnavailable(errno.EPERM, "no CAP_NET_ADMIN"))
+    first, again = h.port.to(A)
+    assert first.isn is not None
+    assert (again.ttl, again.isn, again.at) == (3, None, 0.0)
+    again.fail(error.NoRouteError())
+    assert h.port.last(A).isn is None
+    h.clock.advance(DEADLINE)
+    assert syn_count(str(failed(done, TcpPunchFailed)), "192.0.2.1:4000") == 2
 
 
 def test_timeout_restarts_at_once_with_doubling_wait(h: Harness) -> None:
