@@ -19,15 +19,18 @@ unanswered for :attr:`TcpPunchConfig.syn_wait` (a fresh SYN at once, sooner
 than the kernel's one-second retransmission) and retries a refused one after
 a short pause, until its deadline.
 
-Low-TTL priming (STUNT #2, NATBlaster, without raw sockets): with
-:attr:`TcpPunchConfig.prime_ttl` set, the first SYN to each candidate leaves
-with that TTL, enough to open this side's NAT and too little to pass the
-peer's, which therefore neither delivers it nor answers with a RST; the
-peer's SYN then finds this side's NAT open.  Linux ends such a
-``connect()`` at once when the ICMP Time Exceeded returns; the NAT's
-mapping stays, and the next ``connect()`` is an ordinary one.  A RST to a
-full SYN closes this side's NAT again (a Linux NAT forgets an entry whose
-only answer was a RST), so each is followed by a priming SYN at once.
+Low-TTL priming (STUNT #2, NATBlaster, without raw sockets): a SYN that
+meets a NAT which drops it leaves this side's NAT open, but a RST (from a
+NAT that rejects unsolicited SYNs) makes a Linux NAT forget the entry of
+the SYN it answers.  So, with :attr:`TcpPunchConfig.prime_ttl` set, each
+refused SYN is followed at once by a priming SYN with that TTL, enough to
+open this side's NAT again and too little to pass the peer's, which
+therefore neither delivers it nor answers with a RST; the peer's SYN then
+finds this side's NAT open, and the next full SYN follows after the pause.
+Linux ends a priming ``connect()`` when the ICMP Time Exceeded returns;
+the NAT's mapping stays.  The first SYN to a candidate is a full one:
+priming it would cost a round trip to the router where it dies, for
+nothing when the peer's NAT drops (the common case).
 
 One ISN per candidate (:attr:`TcpPunchConfig.one_isn`,
 :mod:`~nattraverse.punch.isn`): every SYN to a candidate, priming or full,
@@ -93,9 +96,8 @@ class TcpPunchConfig:
     :ivar retry: Seconds before connecting again after a refusal (a RST) or
         an ICMP error; doubles on each, up to *max_retry*.
     :ivar max_retry: The longest pause between two SYNs to one candidate.
-    :ivar prime_ttl: The TTL of priming SYNs (low-TTL priming): the first
-        SYN to each candidate, and one after each RST; ``None``: no
-        priming.  :class:`TcpPunchingPort` sets it from the measured hop
+    :ivar prime_ttl: The TTL of priming SYNs (low-TTL priming), one after
+        each RST; ``None``: no priming.  :class:`TcpPunchingPort` sets it from the measured hop
         count (:mod:`~nattraverse.punch.hops`) when *priming* is on.
     :ivar priming: Whether :class:`TcpPunchingPort` measures the hop count
         and primes.
@@ -211,13 +213,8 @@ class TcpPunch:
         for host, number in remotes:
             if (host, number) not in unique:
                 unique.append((host, number))
-        priming = self._config.prime_ttl is not None
         self._candidates = [
-            _Candidate(
-                remote,
-                isn=secrets.randbits(32) if self._config.one_isn else None,
-                prime_next=priming,
-            )
+            _Candidate(remote, isn=secrets.randbits(32) if self._config.one_isn else None)
             for remote in unique
         ]
         self._adopted: list[SecurePath] = []
@@ -270,6 +267,8 @@ class TcpPunch:
         priming = candidate.prime_next
         candidate.prime_next = False
         ttl = config.prime_ttl if priming else None
+        if priming:
+            _log.debug("priming SYN to {remote} with TTL {ttl}", remote=candidate.label(), ttl=ttl)
         candidate.syns += 1
         candidate.primes += priming
         if candidate.wait == 0.0:
@@ -339,7 +338,7 @@ class TcpPunch:
         pause = self._backoff(candidate)
         if candidate.prime_ok and self._config.prime_ttl is not None:
             # The peer's NAT answered with a RST, which closed this side's
-            # NAT on the way back: prime it again at once (the peer's SYN
+            # NAT on the way back: prime it at once (the peer's SYN
             # may be on its way), the next full SYN after the pause.
             candidate.prime_next = True
             self._connect(candidate)

@@ -207,17 +207,22 @@ def test_tcp_connects_when_one_peer_starts_late(
     nata, natb = _nat_pair(lab, Preset.PORT_RESTRICTED, Preset.PORT_RESTRICTED, inbound)
     _echo_by_tcp(lab, tmp_path, nata, natb, late)
     if inbound is Inbound.REJECT:
-        # Both sides primed (the callee's log, --verbose, says at which TTL).
+        # The callee's log (--verbose): it measured TTL 2 (its NAT, the ISP's
+        # router); started first, it met the caller's unopened NAT's RSTs and
+        # primed after them.
         log = (tmp_path / "callee.err").read_text()
         assert "(TTL 2): priming TTL 2" in log, log[-2000:]
+        if late == "caller":
+            assert f"priming SYN to {natb.wan_address}:" in log, log[-2000:]
 
 
 @pytest.mark.parametrize("late", ["none", "caller", "callee"])
 def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None:
     """
-    Each NAT sits behind an ISP's router (a public hop between it and the
-    lab's internet), where a priming SYN with TTL 2 dies: both sides prime,
-    and the pair connects by TCP, also with one peer 300 ms late.
+    Each NAT that drops sits behind an ISP's router (a public hop between it
+    and the lab's internet): both sides measure a priming TTL of 2, need no
+    priming (no RST closes their NATs), and connect by TCP, also with one
+    peer 300 ms late.
     """
     isp_a = lab.nat("ispa", Preset.OPEN)
     isp_b = lab.nat("ispb", Preset.OPEN)
@@ -227,3 +232,4 @@ def test_priming_behind_isp_routers(lab: Lab, tmp_path: Path, late: str) -> None
     # The callee's log (--verbose): it counted its NAT and the ISP's router.
     log = (tmp_path / "callee.err").read_text()
     assert f"{isp_a.lan_address} (TTL 2): priming TTL 2" in log, log[-2000:]
+    assert "priming SYN to" not in log, log[-2000:]

@@ -208,31 +208,29 @@ def test_without_prime_ttl_every_syn_has_default_ttl(h: Harness) -> None:
     assert [c.ttl for c in h.port.connects] == [None, None, None, None]
 
 
-def test_priming_syn_then_a_full_one_at_once(h: Harness) -> None:
-    """With prime_ttl each candidate gets a priming SYN first, then at once a full one."""
+def test_first_syn_is_a_full_one_even_with_prime_ttl(h: Harness) -> None:
+    """With prime_ttl the first SYN to each candidate is a full one; a silence primes nothing."""
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3)
     h.start([A, B], config=config)
-    assert [(c.remote, c.ttl) for c in h.port.connects] == [(A, 3), (B, 3)]
-    h.port.last(A).fail(error.NoRouteError())  # the ICMP Time Exceeded of the primer
-    h.port.last(B).fail(error.TimeoutError())  # no ICMP came back: primed all the same
-    assert [c.ttl for c in h.port.to(A)] == [3, None]
-    assert [c.ttl for c in h.port.to(B)] == [3, None]
-    assert all(c.at == 0.0 for c in h.port.connects)
+    assert [(c.remote, c.ttl) for c in h.port.connects] == [(A, None), (B, None)]
+    h.port.last(A).fail(error.TimeoutError())  # dropped by the peer's NAT: ours is open
+    assert [c.ttl for c in h.port.to(A)] == [None, None]
 
 
-def test_a_rst_is_followed_by_a_new_primer_at_once_and_a_full_syn_later(h: Harness) -> None:
-    """The peer NAT's RST closed our NAT: prime again now, send the full SYN after the pause."""
+def test_a_rst_is_followed_by_a_primer_at_once_and_a_full_syn_later(h: Harness) -> None:
+    """The peer NAT's RST closed our NAT: prime it now, send the full SYN after the pause."""
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3)
     h.start([A], config=config)
-    h.port.last(A).fail(error.NoRouteError())
     h.port.last(A).fail(error.ConnectionRefusedError())
-    assert [c.ttl for c in h.port.to(A)] == [3, None, 3]
-    h.port.last(A).fail(error.NoRouteError())
-    assert len(h.port.to(A)) == 3
+    assert [c.ttl for c in h.port.to(A)] == [None, 3]
+    h.port.last(A).fail(error.NoRouteError())  # the ICMP Time Exceeded of the primer
+    assert len(h.port.to(A)) == 2
     h.clock.advance(RETRY * 0.99)
-    assert len(h.port.to(A)) == 3
+    assert len(h.port.to(A)) == 2
     h.clock.advance(RETRY * 0.02)
-    assert [c.ttl for c in h.port.to(A)] == [3, None, 3, None]
+    assert [c.ttl for c in h.port.to(A)] == [None, 3, None]
+    h.port.last(A).fail(error.ConnectionRefusedError())
+    assert [c.ttl for c in h.port.to(A)] == [None, 3, None, 3]
 
 
 def test_a_rst_to_a_primer_ends_priming_for_that_candidate(h: Harness) -> None:
@@ -240,23 +238,24 @@ def test_a_rst_to_a_primer_ends_priming_for_that_candidate(h: Harness) -> None:
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3)
     h.start([A], config=config)
     h.port.last(A).fail(error.ConnectionRefusedError())
-    assert [c.ttl for c in h.port.to(A)] == [3, None]
-    h.port.last(A).fail(error.ConnectionRefusedError())
+    h.port.last(A).fail(error.ConnectionRefusedError())  # the primer's
     h.clock.advance(RETRY * 1.01)
-    assert [c.ttl for c in h.port.to(A)] == [3, None, None]
+    assert [c.ttl for c in h.port.to(A)] == [None, 3, None]
+    h.port.last(A).fail(error.ConnectionRefusedError())
+    h.clock.advance(RETRY * 2.01)
+    assert [c.ttl for c in h.port.to(A)] == [None, 3, None, None]
 
 
 def test_one_isn_for_every_syn_to_a_candidate(h: Harness) -> None:
-    """With one_isn, priming, full, restarted and retried SYNs to a candidate share one ISN."""
+    """With one_isn, full, priming, restarted and retried SYNs to a candidate share one ISN."""
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=True)
     h.start([A, B], config=config)
-    h.port.last(A).fail(error.NoRouteError())  # primed
     h.port.last(A).fail(error.TimeoutError())  # restarted
-    h.port.last(A).fail(error.ConnectionRefusedError())  # primed again
+    h.port.last(A).fail(error.ConnectionRefusedError())  # primed
     h.port.last(A).fail(error.NoRouteError())
     h.clock.advance(RETRY * 1.01)  # the full SYN after the pause
-    h.port.last(B).fail(error.NoRouteError())
-    assert [c.ttl for c in h.port.to(A)] == [3, None, None, 3, None]
+    h.port.last(B).fail(error.TimeoutError())
+    assert [c.ttl for c in h.port.to(A)] == [None, None, 3, None]
     isns_a = {c.isn for c in h.port.to(A)}
     isns_b = {c.isn for c in h.port.to(B)}
     assert len(isns_a) == len(isns_b) == 1
@@ -268,22 +267,25 @@ def test_without_one_isn_the_kernel_chooses(h: Harness) -> None:
     """one_isn off: no connect asks for an ISN."""
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=False)
     h.start([A], config=config)
-    h.port.last(A).fail(error.NoRouteError())
+    h.port.last(A).fail(error.ConnectionRefusedError())
     assert [c.isn for c in h.port.to(A)] == [None, None]
 
 
 def test_isn_pinning_lost_falls_back_to_the_kernels_isn(h: Harness) -> None:
-    """A connect that cannot pin its ISN is repeated at once without one, the primer kept."""
+    """A connect that cannot pin its ISN is repeated at once without one, priming kept."""
     config = TcpPunchConfig(deadline=DEADLINE, retry=RETRY, prime_ttl=3, one_isn=True)
     _, done = h.start([A], config=config)
+    h.port.last(A).fail(error.ConnectionRefusedError())
     h.port.last(A).fail(IsnPinningUnavailable(errno.EPERM, "no CAP_NET_ADMIN"))
-    first, again = h.port.to(A)
+    first, primer, again = h.port.to(A)
     assert first.isn is not None
+    assert primer.isn == first.isn
     assert (again.ttl, again.isn, again.at) == (3, None, 0.0)
     again.fail(error.NoRouteError())
+    h.clock.advance(RETRY * 1.01)
     assert h.port.last(A).isn is None
     h.clock.advance(DEADLINE)
-    assert syn_count(str(failed(done, TcpPunchFailed)), "192.0.2.1:4000") == 2
+    assert syn_count(str(failed(done, TcpPunchFailed)), "192.0.2.1:4000") == 3
 
 
 def test_timeout_restarts_at_once_with_doubling_wait(h: Harness) -> None:
