@@ -79,9 +79,10 @@ def priming_ttl(answers: Mapping[int, str], *, may_reach_peer: bool = False) -> 
     router whose Time Exceeded came back): one more than the leading hops
     that answered from a NAT's inside address, provided a router with a
     public address answered at that TTL or *may_reach_peer* (every SYN to a
-    candidate has one ISN, so a priming SYN that reaches the peer's NAT does
-    no harm); otherwise ``None`` (no priming: no NAT, or nothing known to
-    stop the SYN before the peer's NAT).
+    candidate has one ISN, so a priming SYN that reaches the peer's NAT
+    leaves no record there that a later SYN contradicts); otherwise ``None``
+    (no priming: no NAT, or nothing known to stop the SYN before the peer's
+    NAT).
     """
     nats = 0
     while (offender := answers.get(nats + 1)) is not None and _inside(offender):

@@ -477,8 +477,8 @@ class SharedTcpPort:
             ``makeConnection``; fails with ``ConnectionRefusedError``,
             ``NoRouteError``, ``TimeoutError`` or ``ConnectError`` (naming the
             errno), :class:`~nattraverse.punch.isn.IsnPinningUnavailable`
-            when *isn* cannot be set, ``NoProtocol`` when the factory builds none.  Cancelling
-            closes the socket.  Never raises.
+            when *isn* cannot be set, ``NoProtocol`` when the factory builds
+            none.  Cancelling closes the socket.  Never raises.
         """
         try:
             if _family(remote[0], "remote host") != self._family:

@@ -97,8 +97,9 @@ class TcpPunchConfig:
         an ICMP error; doubles on each, up to *max_retry*.
     :ivar max_retry: The longest pause between two SYNs to one candidate.
     :ivar prime_ttl: The TTL of priming SYNs (low-TTL priming), one after
-        each RST; ``None``: no priming.  :class:`TcpPunchingPort` sets it from the measured hop
-        count (:mod:`~nattraverse.punch.hops`) when *priming* is on.
+        each RST; ``None``: no priming.  :class:`TcpPunchingPort` sets it
+        from the measured hop count (:mod:`~nattraverse.punch.hops`) when
+        *priming* is on.
     :ivar priming: Whether :class:`TcpPunchingPort` measures the hop count
         and primes.
     :ivar one_isn: Whether every SYN to a candidate carries one sequence
