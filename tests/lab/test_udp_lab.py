@@ -239,7 +239,7 @@ LOSSY_RENDEZVOUS_ARGS = ("--handshake-timeout", "90")
 #: Why the lossy test is an expected failure for now (not a pass when it fails).
 LOSSY_STALL = (
     "known defect: at 59% loss each way the QUIC path sometimes goes silent for the 25 s idle "
-    "timeout in the data phase (2 of 9 fresh-clone CI runs in two sessions); see docs/status.rst"
+    "timeout in the data phase (3 of 10 fresh-clone CI runs in two sessions); see docs/status.rst"
 )
 
 
