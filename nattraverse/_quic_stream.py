@@ -35,6 +35,7 @@ from nattraverse.identity import PeerId
 
 if TYPE_CHECKING:
     from nattraverse.quic import QuicPath
+    from nattraverse.report import ConnectionReport
 
 __all__ = ["QuicStreamTransport", "check_pin"]
 
@@ -221,6 +222,9 @@ class QuicStreamTransport:
     :ivar remote: ``"ip:port"`` of the peer's end of the UDP path.
     :ivar connect_ms: Milliseconds from the start of the attempt to the
         authenticated path, when measured; else ``None``.
+    :ivar report: On the caller's side, the
+        :class:`~nattraverse.report.ConnectionReport` of the race that chose
+        this path; else ``None``.
     :ivar peer_certificate: The peer's certificate (``cryptography``).
     """
 
@@ -244,6 +248,7 @@ class QuicStreamTransport:
         host = f"[{remote[0]}]" if ":" in remote[0] else remote[0]
         self.remote = f"{host}:{remote[1]}"
         self.connect_ms: float | None = None
+        self.report: ConnectionReport | None = None
         self.peer_certificate = peer_certificate
         self.producer: IProducer | None = None
         self.streaming = False

@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from nattraverse.interfaces import Path
     from nattraverse.secure import SecurePath
 
-__all__ = ["Contender", "Race", "discard_path", "is_cancellation", "open_tcp_path", "tcp_endpoint"]
+__all__ = [
+    "Attempt",
+    "Contender",
+    "Race",
+    "discard_path",
+    "is_cancellation",
+    "open_tcp_path",
+    "tcp_endpoint",
+]
 
 _log = Logger()
 
@@ -51,6 +59,32 @@ class Contender(Generic[T]):
     start: Callable[[], Deferred[T]] | None
     last_resort: bool = False
     skipped: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """
+    How one contender fared (:attr:`Race.attempts`).
+
+    :ivar name: The contender's name.
+    :ivar outcome: ``"won"``, ``"failed"``, ``"cancelled"`` (running when
+        the race ended), ``"skipped"`` (it did not run), ``"not started"``
+        (a last resort whose turn did not come), ``"too late"`` (succeeded
+        after the race ended) or ``"displaced"`` (held, then beaten by a
+        preferred contender within its grace).
+    :ivar started: When it started (reactor time), or ``None``.
+    :ivar ended: When it ended, or ``None``.
+    :ivar error: What ended it (why it was skipped, or not started at the
+        timeout), or ``None``.
+    :ivar last_resort: Whether it was a last resort.
+    """
+
+    name: str
+    outcome: str
+    started: float | None = None
+    ended: float | None = None
+    error: BaseException | None = None
+    last_resort: bool = False
 
 
 class Race(Generic[T]):
@@ -115,6 +149,8 @@ class Race(Generic[T]):
         #: A winner held while a preferred contender has its grace period.
         self._held: tuple[str, T] | None = None
         self._grace_call: IDelayedCall | None = None
+        self._started_at: dict[str, float] = {}
+        self._ended: dict[str, tuple[str, float]] = {}  # name -> (outcome, when)
 
     def run(self) -> Deferred[tuple[str, T]]:
         """
@@ -149,15 +185,44 @@ class Race(Generic[T]):
         """The names of the contenders running now."""
         return tuple(self._running)
 
+    @property
+    def attempts(self) -> tuple[Attempt, ...]:
+        """
+        How every contender fared so far, in the contenders' order (one
+        still running is ``"running"``, one still waiting ``"waiting"``).
+        """
+        found = []
+        for contender in self._contenders:
+            name = contender.name
+            started = self._started_at.get(name)
+            if name in self._ended:
+                outcome, ended = self._ended[name]
+            elif name in self._running:
+                outcome, ended = "running", None
+            elif contender.start is None:
+                outcome, ended = "skipped", None
+            elif started is None and name in self._failures:
+                outcome, ended = "failed", None  # start() itself raised, or the timeout
+            else:
+                outcome, ended = "waiting", None
+            error = self._failures.get(name)
+            found.append(Attempt(name, outcome, started, ended, error, contender.last_resort))
+        return tuple(found)
+
+    def _end(self, name: str, outcome: str) -> None:
+        self._ended.setdefault(name, (outcome, self._reactor.seconds()))
+
     # -- contenders -------------------------------------------------------------
 
     def _start(self, contender: Contender[T]) -> None:
         assert contender.start is not None
+        self._started_at[contender.name] = self._reactor.seconds()
         try:
             attempt = contender.start()
         except Exception as e:
             _log.failure("starting {name} failed", name=contender.name)
             self._failures[contender.name] = e
+            self._end(contender.name, "failed")
             return
         self._running[contender.name] = attempt
         attempt.addCallbacks(
@@ -183,20 +248,26 @@ class Race(Generic[T]):
     def _won(self, value: T, name: str, attempt: Deferred[T]) -> None:
         self._forget(name, attempt)
         if self._done:
+            # Marked cancelled as the race ended, but its path got through.
+            self._ended[name] = ("too late", self._reactor.seconds())
             self._discard(value)
             return
         if self._held is not None:
             # A preferred contender beat the held winner within its grace.
             if name not in self._preferred:
+                self._end(name, "too late")
                 self._discard(value)
                 return
-            held_value = self._held[1]
+            held_name, held_value = self._held
             self._held = None
+            self._ended[held_name] = ("displaced", self._ended[held_name][1])
             self._discard(held_value)
         elif self._grace > 0 and name not in self._preferred and self._preferred_running():
             self._held = (name, value)
+            self._end(name, "won")  # unless a preferred contender displaces it
             self._grace_call = self._reactor.callLater(self._grace, self._release_held)
             return
+        self._end(name, "won")
         self._finish()
         assert self._result is not None
         self._result.callback((name, value))
@@ -222,6 +293,7 @@ class Race(Generic[T]):
             return  # cancelled by the race itself: nothing to report
         error = failure.value
         self._failures[name] = error if error is not None else Exception(failure.getErrorMessage())
+        self._end(name, "failed")
         if self._held is not None:
             if not self._preferred_running():
                 if self._grace_call is not None and self._grace_call.active():
@@ -258,9 +330,14 @@ class Race(Generic[T]):
         self._stagger_call = self._timer = self._grace_call = None
         held, self._held = self._held, None
         if held is not None:
+            self._ended[held[0]] = ("cancelled", self._ended[held[0]][1])
             self._discard(held[1])
+        for contender in self._waiting:
+            self._end(contender.name, "not started")
         self._waiting = []
         running, self._running = self._running, {}
+        for name in running:
+            self._end(name, "cancelled")
         for attempt in running.values():
             attempt.cancel()
 
@@ -272,6 +349,7 @@ class Race(Generic[T]):
         text = self._timeout_text
         for name in self._running:
             self._failures[name] = TimeoutError(f"timed out: not done within the {text} timeout")
+            self._end(name, "failed")
         for contender in self._waiting:
             self._failures[contender.name] = TimeoutError(
                 f"not started: the {text} timeout came first"

@@ -16,7 +16,7 @@ finished connection (:meth:`PinnedTLS.check`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -37,6 +37,9 @@ from zope.interface import implementer
 
 from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.identity import Identity, PeerId
+
+if TYPE_CHECKING:
+    from nattraverse.report import ConnectionReport
 
 __all__ = ["TLS_VERSION_NAME", "PinnedTLS", "PunchTransport", "address_text", "call_if_present"]
 
@@ -173,6 +176,9 @@ class PunchTransport:
     :ivar connect_ms: Milliseconds from the start of the connection attempt
         (the callee: from the introduction) to the authenticated path, when
         the endpoint measured it; else ``None``.
+    :ivar report: On the caller's side, the
+        :class:`~nattraverse.report.ConnectionReport` of the race that chose
+        this path; else ``None``.
     """
 
     def __init__(
@@ -198,6 +204,7 @@ class PunchTransport:
         self.session = session
         self.remote = address_text(self._raw.getPeer())
         self.connect_ms: float | None = None
+        self.report: ConnectionReport | None = None
 
     def __repr__(self) -> str:
         return f"<PunchTransport {self.method} to {self.peer_id} at {self.remote}>"

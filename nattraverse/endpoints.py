@@ -46,6 +46,7 @@ from nattraverse.punch.checks import CheckConfig
 from nattraverse.punch.tcppunch import tcp_punch_config
 from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
 from nattraverse.rendezvous.commands import MAX_CANDIDATES, check_name, is_peer_id
+from nattraverse.report import ConnectionReport, MethodAttempt, Outcome
 
 __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
@@ -104,6 +105,53 @@ def _cancelled_means_cancelled(task: Deferred[Any]) -> Deferred[Any]:
 
     task.addBoth(settle)
     return result
+
+
+def race_report(
+    race: Race[Any], peer: str, peer_id: str, started: float, introduced: float
+) -> ConnectionReport:
+    """
+    The :class:`~nattraverse.report.ConnectionReport` of a race that is
+    over: times from *introduced* (when every method started), the
+    introduction's own time from *started* (when ``connect()`` was called).
+    """
+    attempts = race.attempts
+    winner = next((a for a in attempts if a.outcome == "won"), None)
+
+    def since(when: float | None) -> float | None:
+        return None if when is None else when - introduced
+
+    def reason(outcome: str, error: BaseException | None) -> str:
+        if outcome in ("failed", "skipped", "not started") and error is not None:
+            return str(error) or type(error).__name__
+        if winner is None:
+            return "stopped: the connection attempt was cancelled"
+        return {
+            "cancelled": f"stopped when {winner.name} won",
+            "not started": f"{winner.name} won before its turn came",
+            "too late": f"succeeded after {winner.name} had won; closed",
+            "displaced": f"{winner.name} is preferred and succeeded within its grace period",
+        }.get(outcome, "")
+
+    found = tuple(
+        MethodAttempt(
+            a.name,
+            Outcome(a.outcome) if a.outcome in Outcome._value2member_map_ else Outcome.CANCELLED,
+            since(a.started),
+            since(a.ended),
+            reason(a.outcome, a.error),
+            a.last_resort,
+        )
+        for a in attempts
+    )
+    return ConnectionReport(
+        peer=peer,
+        peer_id=peer_id,
+        method=None if winner is None else winner.name,
+        introduced=introduced - started,
+        connected=None if winner is None else since(winner.ended),
+        attempts=found,
+    )
 
 
 @implementer(IStreamClientEndpoint)
@@ -350,9 +398,15 @@ class PunchClientEndpoint:
                 timeout=remaining,
                 timeout_text=f"{self._timeout:g} s",
             )
-            name, path = await race.run()
+            introduced = reactor.seconds()
             try:
-                protocol = path.select(factory, started=started)
+                name, path = await race.run()
+            except PunchFailed as e:
+                e.report = race_report(race, self._peer, str(expected), started, introduced)
+                raise
+            report = race_report(race, self._peer, str(expected), started, introduced)
+            try:
+                protocol = path.select(factory, started=started, report=report)
             except BaseException:
                 discard_path(path)
                 raise
@@ -367,11 +421,13 @@ class PunchClientEndpoint:
         if protocol is None:
             raise NoProtocol(f"the protocol factory built no protocol for the {name} path")
         _log.info(
-            "connected to {peer} ({peer_id}) via {method} at {remote}",
+            "connected to {peer} ({peer_id}) via {method} at {remote}: {race}",
             peer=self._peer,
             peer_id=str(expected),
             method=name,
             remote=getattr(protocol.transport, "remote", "?"),  # type: ignore[attr-defined]
+            race="; ".join(str(attempt) for attempt in report.attempts),
+            report=report,
         )
         return protocol
 

@@ -10,9 +10,12 @@ exactly what they can handle.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet.error import ConnectionLost
+
+if TYPE_CHECKING:
+    from nattraverse.report import ConnectionReport
 
 
 class NatTraverseError(Exception):
@@ -337,6 +340,10 @@ class PunchFailed(NatTraverseError):
 
     :ivar peer: The peer asked for.
     :ivar failures: Method name to the exception that ended that method.
+    :ivar report: When the methods were raced, the
+        :class:`~nattraverse.report.ConnectionReport` of the race (when each
+        method started, how long it ran); ``None`` when the failure came
+        before the introduction.
     """
 
     def __init__(self, peer: str, failures: Mapping[str, BaseException]) -> None:
@@ -344,6 +351,7 @@ class PunchFailed(NatTraverseError):
         super().__init__(f"could not reach {peer}: {detail or 'no method was tried'}")
         self.peer = peer
         self.failures = dict(failures)
+        self.report: ConnectionReport | None = None
 
 
 class MethodNotApplicable(NatTraverseError):

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from nattraverse.punch.port import PunchingPort
     from nattraverse.punch.tcppunch import TcpPunchingPort
     from nattraverse.rendezvous.client import Introduction, RendezvousSession
+    from nattraverse.report import ConnectionReport
     from nattraverse.secure import PathSecrets, SecurePath
 
 __all__ = [
@@ -70,9 +71,16 @@ class Path(Protocol):
         """The introduction's session, secret, expected peer and method."""
 
     def select(
-        self, factory: IProtocolFactory, *, started: float | None = None
+        self,
+        factory: IProtocolFactory,
+        *,
+        started: float | None = None,
+        report: ConnectionReport | None = None,
     ) -> IProtocol | None:
-        """Caller: pick this path and connect the application to it."""
+        """
+        Caller: pick this path and connect the application to it; the
+        transport's ``report`` is *report*.
+        """
 
     def attach(
         self, factory: IProtocolFactory, *, started: float | None = None

@@ -10,7 +10,8 @@ standard input and output through the traversed, authenticated connection::
 It is a thin shell over the ``punch:`` endpoints (:doc:`/endpoints`): the
 arguments become a ``punch:`` endpoint string, parsed by the same plugins an
 application uses.  ``--json-report`` writes one JSON object per connection
-to standard error, saying which method carried it.
+to standard error, saying which method carried it and, on the connecting
+side, how every method fared (also when none reached the peer).
 
 Exit status: 0 when the connection ended normally; 1 when it could not be
 made (the message lists every method tried and why it failed) or was lost
@@ -182,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json-report",
         action="store_true",
-        help="write one JSON object per connection to stderr: peer, method, remote, connect_ms",
+        help=(
+            "write one JSON object per connection to stderr: peer, method, remote, connect_ms "
+            "and, when connecting, the race: every method tried, how long it took, why it lost"
+        ),
     )
     parser.add_argument(
         "-v",
@@ -222,11 +226,30 @@ def report(stream: TextIO, transport: ITransport, connect_ms: float | None) -> N
     """
     Write the JSON line ``--json-report`` asks for.
     """
-    line = {
+    line: dict[str, Any] = {
         "peer": str(getattr(transport, "peer_id", "")),
         "method": getattr(transport, "method", "unknown"),
         "remote": getattr(transport, "remote", ""),
         "connect_ms": connect_ms,
+    }
+    race = getattr(transport, "report", None)
+    if race is not None:
+        line["race"] = race.to_json()
+    stream.write(json.dumps(line) + "\n")
+    stream.flush()
+
+
+def report_failure(stream: TextIO, error: BaseException) -> None:
+    """
+    Write the JSON line ``--json-report`` asks for when no connection was
+    made: the error, and the race's report when the methods were raced.
+    """
+    race = getattr(error, "report", None)
+    line = {
+        "peer": getattr(error, "peer", ""),
+        "method": None,
+        "error": str(error),
+        "race": None if race is None else race.to_json(),
     }
     stream.write(json.dumps(line) + "\n")
     stream.flush()
@@ -410,6 +433,8 @@ async def _connect(reactor: Any, options: argparse.Namespace, stderr: TextIO) ->
     try:
         await endpoint.connect(_PeerFactory(build))
     except Exception as e:
+        if options.json_report:
+            report_failure(stderr, e)
         stderr.write(f"natcat: {e}\n")
         return EXIT_FAILED
     # Standard input is read only once there is a peer to send it to.

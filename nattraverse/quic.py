@@ -76,6 +76,7 @@ from nattraverse.errors import PeerAuthenticationFailed, QuicPathClosed, QuicPat
 from nattraverse.identity import Identity, PeerId
 
 if TYPE_CHECKING:
+    from nattraverse.report import ConnectionReport
     from nattraverse.secure import PathSecrets
 
 __all__ = [
@@ -585,18 +586,23 @@ class QuicPath:
     # -- the application ------------------------------------------------------------
 
     def select(
-        self, factory: IProtocolFactory, *, started: float | None = None
+        self,
+        factory: IProtocolFactory,
+        *,
+        started: float | None = None,
+        report: ConnectionReport | None = None,
     ) -> IProtocol | None:
         """
         Pick this path (caller only, once :attr:`authenticated` has fired):
         open the stream with :data:`SELECTION_BYTE` and connect
-        ``factory.buildProtocol(peer)`` to a :class:`QuicStreamTransport`.
+        ``factory.buildProtocol(peer)`` to a :class:`QuicStreamTransport`
+        whose ``report`` is *report*.
         """
         self._ready_for("caller", "select")
         self._stream_id = self._quic.get_next_available_stream_id()
         self._quic.send_stream_data(self._stream_id, SELECTION_BYTE)
         self._selected = True
-        app = self._connect_application(factory, started)
+        app = self._connect_application(factory, started, report)
         self._flush()
         return app
 
@@ -622,7 +628,10 @@ class QuicPath:
             raise RuntimeError(f"this path is already taken, aborted or closed; no {what}()")
 
     def _connect_application(
-        self, factory: IProtocolFactory, started: float | None
+        self,
+        factory: IProtocolFactory,
+        started: float | None,
+        report: ConnectionReport | None = None,
     ) -> IProtocol | None:
         transport = QuicStreamTransport(
             self,
@@ -635,6 +644,7 @@ class QuicPath:
         )
         if started is not None:
             transport.connect_ms = (self._reactor.seconds() - started) * 1000.0
+        transport.report = report
         self._transport = transport
         app = factory.buildProtocol(transport.getPeer())
         if app is None:

@@ -29,7 +29,7 @@ import hmac
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -51,6 +51,9 @@ from zope.interface import implementer
 from nattraverse._tls import PinnedTLS, PunchTransport, call_if_present
 from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.identity import Identity, PeerId
+
+if TYPE_CHECKING:
+    from nattraverse.report import ConnectionReport
 
 __all__ = [
     "PREAMBLE_MAGIC",
@@ -488,7 +491,11 @@ class SecurePath(Protocol):
     # -- the application --------------------------------------------------------
 
     def select(
-        self, factory: IProtocolFactory, *, started: float | None = None
+        self,
+        factory: IProtocolFactory,
+        *,
+        started: float | None = None,
+        report: ConnectionReport | None = None,
     ) -> IProtocol | None:
         """
         Pick this path (caller only, once :attr:`authenticated` has fired):
@@ -498,12 +505,13 @@ class SecurePath(Protocol):
 
         :param started: When (reactor time) the connection attempt began;
             the transport's ``connect_ms`` is counted from it.
+        :param report: The race's report, the transport's ``report``.
         """
         self._ready_for("caller", "select")
         self._selected = True
         assert self._tls is not None
         self._tls.write(SELECTION_BYTE)
-        return self._connect_application(factory, started)
+        return self._connect_application(factory, started, report)
 
     def attach(
         self, factory: IProtocolFactory, *, started: float | None = None
@@ -529,7 +537,10 @@ class SecurePath(Protocol):
             raise RuntimeError(f"this path is already taken or aborted; cannot {what}() it")
 
     def _connect_application(
-        self, factory: IProtocolFactory, started: float | None
+        self,
+        factory: IProtocolFactory,
+        started: float | None,
+        report: ConnectionReport | None = None,
     ) -> IProtocol | None:
         tls = self._tls
         assert tls is not None
@@ -548,6 +559,7 @@ class SecurePath(Protocol):
         )
         if started is not None:
             transport.connect_ms = (self._reactor.seconds() - started) * 1000.0
+        transport.report = report
         self._app_transport = transport
         if app is None:
             tls.loseConnection()

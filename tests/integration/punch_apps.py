@@ -35,6 +35,11 @@ class Collector(Protocol):
         self.complete: Deferred[bytes] = Deferred()
         self.lost: Deferred[None] = Deferred()
         self.reason: Failure | None = None
+        #: The transport's ``report`` as connectionMade saw it.
+        self.report: Any = None
+
+    def connectionMade(self) -> None:
+        self.report = getattr(self.transport, "report", None)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data

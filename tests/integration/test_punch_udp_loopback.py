@@ -101,6 +101,10 @@ async def test_one_mebibyte_over_a_punched_quic_path(reactor: Any, rendezvous: A
     assert transport.peer_id == identity.peer_id
     assert transport.remote.startswith(f"{LOCALHOST}:")
     assert transport.connect_ms > 0
+    # The race's report is on the transport from connectionMade on.
+    assert collector.report is transport.report
+    assert transport.report.method == "udp"
+    assert transport.report.attempt("udp").outcome.value == "won"
     payload = os.urandom(PAYLOAD_SIZE)
     transport.write(payload)
     assert await collector.complete.addTimeout(TIMEOUT, reactor) == payload

@@ -176,6 +176,15 @@ def test_every_pair_connects_with_all_methods(
         # only the relay remains.
         assert mine["method"] == "relay"
         assert mine["remote"] == f"{RENDEZVOUS_ADDRESS}:{RENDEZVOUS_PORT}"
+        # The caller's report says so, and why.
+        race = mine["race"]
+        assert race["relayed"] is True, race
+        assert race["why_relayed"], race
+        outcomes = {attempt["method"]: attempt["outcome"] for attempt in race["attempts"]}
+        assert outcomes["relay"] == "won", race
+        assert outcomes["udp"] in {"cancelled", "failed"}, race
+    assert mine["race"]["method"] == mine["method"]
+    assert "race" not in theirs  # the listening side raced nothing
 
 
 # -- one NAT, two levels of NAT -----------------------------------------------------

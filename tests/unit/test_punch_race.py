@@ -282,11 +282,13 @@ class FakePath:
         self.authenticated: Deferred[Any] = succeed(self)
         self.selected_with: Any = None
         self.started: float | None = None
+        self.report: Any = None
         self.aborted = False
 
-    def select(self, factory: Any, *, started: float | None = None) -> Any:
+    def select(self, factory: Any, *, started: float | None = None, report: Any = None) -> Any:
         self.selected_with = factory
         self.started = started
+        self.report = report
         return factory.buildProtocol(None)
 
     def abort(self) -> None:

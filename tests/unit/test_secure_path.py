@@ -36,6 +36,7 @@ from zope.interface.verify import verifyObject
 from nattraverse._tls import PinnedTLS
 from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.identity import Identity
+from nattraverse.report import ConnectionReport
 from nattraverse.secure import (
     PREAMBLE_MAGIC,
     PREAMBLE_SIZE,
@@ -427,6 +428,18 @@ def test_connect_ms_counts_from_started(peers: Peers) -> None:
     app_callee = recorder(joined.callee.attach(Factory.forProtocol(Recorder)))
     assert punch(app_caller).connect_ms == pytest.approx(250.0)
     assert punch(app_callee).connect_ms is None
+
+
+def test_select_puts_the_report_on_the_transport(peers: Peers) -> None:
+    """select with *report* makes it the transport's report; attach leaves None."""
+    joined = link(peers)
+    joined.pump.flush()
+    report = ConnectionReport("bob", "nt1bob", "direct", 0.01, 0.02, ())
+    app_caller = recorder(joined.caller.select(Factory.forProtocol(Recorder), report=report))
+    joined.pump.flush()
+    app_callee = recorder(joined.callee.attach(Factory.forProtocol(Recorder)))
+    assert punch(app_caller).report is report
+    assert punch(app_callee).report is None
 
 
 def test_factory_gets_peer_address(peers: Peers) -> None:
