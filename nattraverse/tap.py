@@ -116,7 +116,15 @@ _PARAMETERS: list[list[Any]] = [
         "Second IP address of this host: turns on RFC 5780 (OTHER-ADDRESS, "
         "CHANGE-REQUEST) and RFC 3489 CHANGED-ADDRESS.",
     ],
-    ["alt-port", None, 3479, "Second port, used with --alt-address.", _port],
+    [
+        "alt-port",
+        None,
+        3479,
+        "Second STUN port on --stun-interface (and on --alt-address): a peer's bindings at "
+        "both ports show whether its NAT maps per destination.  0: none (with "
+        "--alt-address: any free port, not told to peers).",
+        _port,
+    ],
     [
         "software",
         None,
@@ -289,8 +297,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--alt-address and --stun-interface must be of the same IP version"
                 )
-            if self["alt-port"] == self["stun-port"] and self["stun-port"] != 0:
-                raise usage.UsageError("--alt-port must differ from --stun-port")
+        if self["alt-port"] == self["stun-port"] and self["stun-port"] != 0:
+            raise usage.UsageError("--alt-port must differ from --stun-port")
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -320,6 +328,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         port=options["stun-port"],
         alt_address=options["alt-address"],
         alt_port=options["alt-port"],
+        second_port=options["alt-port"] != 0,
         software=options["software"],
         tcp_idle_timeout=options["tcp-idle-timeout"],
         max_tcp_connections=options["max-tcp-connections"],
@@ -344,6 +353,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         relay_hub=hub,
         access_key=options["access-key"],
         stun_port=options["stun-port"],
+        stun_second_port=options["alt-port"],
         udp_bindings=bindings,
     )
     rendezvous.setName("rendezvous")  # type: ignore[no-untyped-call]

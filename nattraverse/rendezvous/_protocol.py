@@ -94,12 +94,15 @@ class ServerHello:
     :ivar udp_token: The token that binds a UDP socket to this connection
         (:meth:`~nattraverse.rendezvous.client.RendezvousSession.bind_udp`);
         empty when not known.  Not shown by ``repr``.
+    :ivar stun_second_port: The STUN service's second port on the same
+        address, 0 when none.
     """
 
     observed: tuple[str, int]
     stun_port: int
     relay: bool
     udp_token: bytes = field(default=b"", repr=False)
+    stun_second_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class PeerInfo:
         local port its rendezvous connection comes from, which it also
         accepts on) it announced (hints only); empty when it does not punch
         TCP.
+    :ivar udp_second: Where the STUN service's second port observed that
+        same socket (observed too), ``None`` when it did not: with
+        :attr:`udp`, it shows whether the peer's NAT maps per destination
+        (:func:`nattraverse.punch.mapping.infer_mapping`).
     """
 
     peer_id: PeerId
@@ -133,6 +140,7 @@ class PeerInfo:
     udp: Endpoint | None = None
     udp_private: tuple[Endpoint, ...] = ()
     tcp_private: tuple[Endpoint, ...] = ()
+    udp_second: Endpoint | None = None
 
     @property
     def tcp_candidates(self) -> tuple[Endpoint, ...]:
@@ -249,6 +257,10 @@ def peer_info(fields: Mapping[str, Any], where: str) -> PeerInfo:
         listen_port=check_port(fields["listen_port"], f"{where}.listen_port"),
         private=tuple(check_candidates(fields["private"], f"{where}.private")),
         udp=check_udp(fields.get("udp_host", ""), fields.get("udp_port", 0), where),
+        # Optional on the wire: absent (None) from a server without a second port.
+        udp_second=check_udp(
+            fields.get("udp_second_host") or "", fields.get("udp_second_port") or 0, where
+        ),
         udp_private=tuple(
             Endpoint(host, port)
             for host, port in check_candidates(
@@ -615,6 +627,8 @@ class RendezvousProtocol(amp.AMP):
         udp_private: list[dict[str, Any]],
         methods: list[str],
         tcp_private: list[dict[str, Any]] | None = None,
+        udp_second_host: str | None = None,
+        udp_second_port: int | None = None,
     ) -> dict[str, Any]:
         handler = self._require_handler("Introduce")
         introduction = Introduction(
@@ -632,6 +646,8 @@ class RendezvousProtocol(amp.AMP):
                     "udp_port": udp_port,
                     "udp_private": udp_private,
                     "tcp_private": tcp_private,
+                    "udp_second_host": udp_second_host,
+                    "udp_second_port": udp_second_port,
                 },
                 "Introduce",
             ),

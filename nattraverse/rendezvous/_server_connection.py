@@ -135,6 +135,10 @@ class ServerState(Protocol):
         """The STUN port told in ``Hello`` (0: none)."""
 
     @property
+    def stun_second_port(self) -> int:
+        """The STUN service's second port told in ``Hello`` (0: none)."""
+
+    @property
     def random(self) -> Callable[[int], bytes]:
         """Source of challenges, session ids and secrets."""
 

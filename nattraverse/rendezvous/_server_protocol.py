@@ -88,6 +88,8 @@ class RendezvousServerProtocol(ServerConnection):
         connection is lost.
     :ivar udp_observed: Where the STUN service last observed the UDP socket
         bound with that token, ``None`` until it has.
+    :ivar udp_second_observed: Where the STUN service's second port last
+        observed it, ``None`` until it has.
     """
 
     def __init__(self, server: ServerState) -> None:
@@ -98,6 +100,7 @@ class RendezvousServerProtocol(ServerConnection):
         self._greeted = False
         self.udp_token: bytes | None = None
         self.udp_observed: Endpoint | None = None
+        self.udp_second_observed: Endpoint | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousServerProtocol {self.source} {self.peer_id}>"
@@ -123,14 +126,19 @@ class RendezvousServerProtocol(ServerConnection):
             "stun_port": server.stun_port,
             "relay": server.relay_hub is not None,
             "udp_token": self.udp_token,
+            "stun_second_port": server.stun_second_port,
         }
 
-    def udp_bound(self, source: Endpoint) -> None:
+    def udp_bound(self, source: Endpoint, *, second: bool = False) -> None:
         """
         The STUN service observed this connection's UDP socket at *source*
-        (an authenticated Binding request; the latest wins).
+        (an authenticated Binding request; the latest wins), at its second
+        port when *second* is true.
         """
         observed = Endpoint(canonical(source.host), source.port)
+        if second:
+            self.udp_second_observed = observed
+            return
         if observed != self.udp_observed:
             _log.debug(
                 "{source} ({peer}) bound its UDP socket, observed at {udp}",
@@ -264,6 +272,7 @@ class RendezvousServerProtocol(ServerConnection):
         # The callee first: it must know the session before the caller's
         # first connection reaches it.
         udp = self.udp_observed
+        second = self.udp_second_observed
         sent = callee.send(
             Introduce,
             session=session,
@@ -278,6 +287,8 @@ class RendezvousServerProtocol(ServerConnection):
             udp_port=udp.port if udp is not None else 0,
             udp_private=encode_candidates(udp_candidates),
             tcp_private=encode_candidates(tcp_candidates),
+            udp_second_host=second.host if second is not None else "",
+            udp_second_port=second.port if second is not None else 0,
             methods=wanted,
         )
         if not sent:
@@ -412,6 +423,7 @@ def _peer_fields(registration: Registration, contact: RendezvousServerProtocol) 
     """The ``_PEER_FIELDS`` of a registered peer, its UDP address as of now."""
     record = registration.record
     udp = contact.udp_observed
+    second = contact.udp_second_observed
     return {
         "peer_id": str(registration.peer_id),
         "name": registration.name,
@@ -423,4 +435,6 @@ def _peer_fields(registration: Registration, contact: RendezvousServerProtocol) 
         "udp_port": udp.port if udp is not None else 0,
         "udp_private": encode_candidates(record.udp_private),
         "tcp_private": encode_candidates(record.tcp_private),
+        "udp_second_host": second.host if second is not None else "",
+        "udp_second_port": second.port if second is not None else 0,
     }

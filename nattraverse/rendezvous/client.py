@@ -151,6 +151,9 @@ class RendezvousSession:
         :meth:`bind_udp` (or binding in :func:`open_session`); ``None`` before.
     :ivar udp_error: Why the binding :func:`open_session` was asked for
         failed; ``None`` otherwise.
+    :ivar udp_second_observed: Where the STUN service's second port
+        observed that socket, when it was bound there too (``second=True``);
+        ``None`` otherwise.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class RendezvousSession:
         self._timeout = timeout
         self.udp_observed: Endpoint | None = None
         self.udp_error: RendezvousUnavailable | None = None
+        self.udp_second_observed: Endpoint | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousSession {self.peer_id} with {self._protocol.where}>"
@@ -345,7 +349,9 @@ class RendezvousSession:
         d = self._call("asking for connection reversal", Reverse, **args)
         return d.addCallback(lambda answer: None)
 
-    def bind_udp(self, demux: StunDemultiplexer, *, timeout: float = 3.0) -> Deferred[Endpoint]:
+    def bind_udp(
+        self, demux: StunDemultiplexer, *, timeout: float = 3.0, second: bool = False
+    ) -> Deferred[Endpoint]:
         """
         Bind the UDP socket of *demux* to this session: send, through its
         STUN client, a Binding request authenticated with the ``Hello``
@@ -357,6 +363,12 @@ class RendezvousSession:
 
         :param timeout: Seconds to wait for the answer (retransmissions
             included).
+        :param second: Bind at the STUN service's second port too, right
+            after the first request (when ``Hello`` named one): the
+            rendezvous then tells peers both addresses, which show whether
+            this side's NAT maps per destination and how it allocates
+            ports.  Its answer, if any, is :attr:`udp_second_observed`; its
+            failure is not this Deferred's.
         :returns: A Deferred of the address the STUN service observed the
             socket at (this peer's server-reflexive UDP address).  It fails
             with :class:`RendezvousUnavailable` saying what to check when
@@ -369,7 +381,23 @@ class RendezvousSession:
             seconds = check_timeout(timeout)
         except ValueError as e:
             return fail(e)
+        if second:
+            return _bind_both(self._protocol, self.hello, demux, seconds).addCallback(
+                self._bound_both
+            )
         return _start_binding(self._protocol, self.hello, demux, seconds).addCallback(self._bound)
+
+    def _bound_both(self, addresses: tuple[Endpoint, Endpoint | None]) -> Endpoint:
+        primary, second = addresses
+        if second is not None and second != self.udp_second_observed:
+            _log.info(
+                "the rendezvous at {where} observes this peer's UDP socket at {udp} from its "
+                "second port",
+                where=self.where,
+                udp=str(second),
+            )
+        self.udp_second_observed = second
+        return self._bound(primary)
 
     def _bound(self, address: Endpoint) -> Endpoint:
         if address != self.udp_observed:
@@ -460,6 +488,49 @@ def _start_binding(
     return bind_socket(protocol.reactor, demux, server, hello.udp_token, seconds)
 
 
+def _bind_both(
+    protocol: RendezvousProtocol, hello: ServerHello, demux: StunDemultiplexer, seconds: float
+) -> Deferred[tuple[Endpoint, Endpoint | None]]:
+    """
+    Bind *demux*'s socket at the STUN port and, right after (one socket:
+    the NAT sees the two requests in that order), at the second port when
+    ``Hello`` named one.
+
+    :returns: A cancellable Deferred of both observed addresses (the second
+        ``None`` when there is no second port or it did not answer); it
+        fails as the first binding does.
+    """
+    primary = _start_binding(protocol, hello, demux, seconds)
+    host = protocol.server_host()
+    second: Deferred[Endpoint] | None = None
+    if hello.stun_second_port != 0 and host is not None and not primary.called:
+        second = bind_socket(
+            protocol.reactor,
+            demux,
+            Endpoint(host, hello.stun_second_port),
+            hello.udp_token,
+            seconds,
+        )
+
+    async def both() -> tuple[Endpoint, Endpoint | None]:
+        try:
+            address = await primary
+        except BaseException:
+            if second is not None:
+                second.cancel()
+                second.addErrback(lambda failure: None)
+            raise
+        if second is None:
+            return address, None
+        try:
+            return address, await second
+        except RendezvousUnavailable as e:
+            _log.info("no binding at the second STUN port: {error}", error=e)
+            return address, None
+
+    return Deferred.fromCoroutine(both())
+
+
 async def _handshake(
     protocol: RendezvousProtocol,
     identity: Identity,
@@ -484,6 +555,7 @@ async def _handshake(
         stun_port=check_port(answer["stun_port"], "Hello.stun_port"),
         relay=bool(answer["relay"]),
         udp_token=check_bytes(answer["udp_token"], UDP_TOKEN_SIZE, "Hello.udp_token"),
+        stun_second_port=check_port(answer.get("stun_second_port") or 0, "Hello.stun_second_port"),
     )
     protocol.hello = hello
     if on_hello is not None:
@@ -566,18 +638,18 @@ def open_session(
 
     async def run() -> RendezvousSession:
         protocol = await _connect(reactor, endpoint, handler, where)
-        binding: list[Deferred[Endpoint]] = []
+        binding: list[Deferred[tuple[Endpoint, Endpoint | None]]] = []
 
         def bind(hello: ServerHello) -> None:
             if udp is not None:
-                binding.append(_start_binding(protocol, hello, udp, check_timeout(udp_timeout)))
+                binding.append(_bind_both(protocol, hello, udp, check_timeout(udp_timeout)))
 
         try:
             hello, peer_id = await _handshake(protocol, identity, access_key, seconds, bind)
             session = RendezvousSession(protocol, hello, peer_id, seconds)
             if binding:
                 try:
-                    session._bound(await binding[0])
+                    session._bound_both(await binding[0])
                 except RendezvousUnavailable as e:
                     session.udp_error = e
         except BaseException:

@@ -110,6 +110,10 @@ _PEER_FIELDS: list[tuple[bytes, amp.Argument]] = [
     (b"udp_private", _candidates()),
     # Optional: a server from before TCP punching does not send it.
     (b"tcp_private", _candidates(optional=True)),
+    # Optional: where the STUN service's second port observed the same
+    # socket (absent, or empty and 0, when it did not).
+    (b"udp_second_host", amp.Unicode(optional=True)),
+    (b"udp_second_port", amp.Integer(optional=True)),
 ]
 
 
@@ -124,7 +128,9 @@ class Hello(amp.Command):
     port of the same host (0 when none), whether the relay is on, and
     *udp_token*: :data:`UDP_TOKEN_SIZE` fresh random bytes that bind a UDP
     socket to this connection (:func:`udp_credentials`), good until the
-    connection closes.
+    connection closes, and *stun_second_port*: a second STUN port of the
+    same host (0 or absent when none), where a binding with the same token
+    shows whether the peer's NAT maps per destination.
     """
 
     commandName = b"Hello"
@@ -137,6 +143,7 @@ class Hello(amp.Command):
         (b"stun_port", amp.Integer()),
         (b"relay", amp.Boolean()),
         (b"udp_token", amp.String()),
+        (b"stun_second_port", amp.Integer(optional=True)),
     ]
     errors = _errors()
 

@@ -323,7 +323,7 @@ class Registration(Service):
     async def _first_binding(self, session: RendezvousSession, udp: StunDemultiplexer) -> None:
         """Bind *udp* before ``Register``; a failure is logged, not raised."""
         try:
-            await session.bind_udp(udp, timeout=self._bind_timeout)
+            await session.bind_udp(udp, timeout=self._bind_timeout, second=True)
         except RendezvousUnavailable as e:
             _log.warn(
                 "binding the UDP socket of {name} to the rendezvous at {where} failed: "

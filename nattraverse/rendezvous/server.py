@@ -125,6 +125,8 @@ class RendezvousFactory(ServerFactory):
     :param access_key: When given, clients must prove they know it.
     :param stun_port: The STUN port of this host, told in ``Hello`` (0:
         none).
+    :param stun_second_port: The STUN service's second port on the same
+        address, told in ``Hello`` (0: none).
     :param random: Source of challenges, session ids and secrets.
     :param udp_bindings: The UDP binding tokens, shared with the STUN
         service; ``None`` makes a table of its own (tokens are issued all
@@ -143,6 +145,7 @@ class RendezvousFactory(ServerFactory):
         relay_hub: RelayHub | None = None,
         access_key: bytes | None = None,
         stun_port: int = 0,
+        stun_second_port: int = 0,
         random: Callable[[int], bytes] = os.urandom,
         udp_bindings: UdpBindings | None = None,
     ) -> None:
@@ -153,6 +156,7 @@ class RendezvousFactory(ServerFactory):
             raise ValueError("the access key is empty")
         self.access_key = access_key
         self.stun_port = check_port(stun_port, "stun_port")
+        self.stun_second_port = check_port(stun_second_port, "stun_second_port")
         self.random = random
         self.registry = Registry(
             ttl=limits.registration_ttl,
@@ -250,6 +254,8 @@ class RendezvousService(Service):
         ``None`` to turn it off.
     :param access_key: When given, clients must prove they know it.
     :param stun_port: The STUN port of this host, told to clients.
+    :param stun_second_port: The STUN service's second port, told to
+        clients (0: none).
     :param random: Source of challenges, session ids and secrets.
     :param udp_bindings: The UDP binding tokens, shared with the
         :class:`~nattraverse.stun.server.StunServer` of this host (its
@@ -269,6 +275,7 @@ class RendezvousService(Service):
         relay_hub: RelayHub | None = None,
         access_key: bytes | None = None,
         stun_port: int = 0,
+        stun_second_port: int = 0,
         random: Callable[[int], bytes] = os.urandom,
         udp_bindings: UdpBindings | None = None,
     ) -> None:
@@ -285,6 +292,7 @@ class RendezvousService(Service):
             relay_hub=relay_hub,
             access_key=access_key,
             stun_port=stun_port,
+            stun_second_port=stun_second_port,
             random=random,
             udp_bindings=udp_bindings,
         )

@@ -51,8 +51,11 @@ _DRAWS = 8
 class BindingOwner(Protocol):
     """What owns a token: told each address its UDP socket is observed at."""
 
-    def udp_bound(self, source: Endpoint) -> None:
-        """An authenticated Binding request for this owner came from *source*."""
+    def udp_bound(self, source: Endpoint, *, second: bool = False) -> None:
+        """
+        An authenticated Binding request for this owner came from *source*,
+        to the STUN service's second port when *second* is true.
+        """
 
 
 @dataclass(slots=True)
@@ -140,11 +143,12 @@ class UdpBindings:
             return None
         return token[_HALF:]
 
-    def observed(self, username: str, source: Endpoint) -> bool:
+    def observed(self, username: str, source: Endpoint, *, second: bool = False) -> bool:
         """
         An authenticated Binding request with *username* came from
-        *source*: tell the token's owner.  Call it only once the request's
-        integrity was checked with :meth:`lookup`'s key.
+        *source* (to the STUN service's second port when *second* is true):
+        tell the token's owner.  Call it only once the request's integrity
+        was checked with :meth:`lookup`'s key.
 
         :returns: Whether a live token had that USERNAME.
         """
@@ -153,7 +157,7 @@ class UdpBindings:
         if owner is None:
             return False
         self.stats.observed += 1
-        owner.udp_bound(source)
+        owner.udp_bound(source, second=second)
         return True
 
     def revoke(self, token: bytes) -> bool:

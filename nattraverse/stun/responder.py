@@ -136,8 +136,11 @@ class Bindings(Protocol):
     def lookup(self, username: str) -> bytes | None:
         """The MESSAGE-INTEGRITY key of the live token *username* names, or ``None``."""
 
-    def observed(self, username: str, source: Endpoint) -> bool:
-        """An authenticated request with *username* came from *source*."""
+    def observed(self, username: str, source: Endpoint, *, second: bool = False) -> bool:
+        """
+        An authenticated request with *username* came from *source*, to a
+        second port of the server when *second* is true.
+        """
 
 
 class _Refuse(Exception):
@@ -227,7 +230,7 @@ class BindingResponder:
             username, key = binding
             reply = self._answer(message, data, source, local, stream, key)
             assert self.bindings is not None
-            if self.bindings.observed(username, source):
+            if self.bindings.observed(username, source, second=local.port == 1):
                 stats.bindings += 1
             return reply
         except _Refuse as refusal:

@@ -52,6 +52,9 @@ from nattraverse.stun.responder import (
     SocketKey,
 )
 
+#: The socket on the primary address and the second port.
+SECOND_PORT = SocketKey(0, 1)
+
 _log = Logger()
 
 #: Largest STUN message accepted over TCP.  Binding requests are small;
@@ -175,7 +178,12 @@ class StunServer(Service):
     :param port: The primary port (0 picks one; see :meth:`endpoint`).
     :param alt_address: A second address of this host: turns on RFC 5780
         and the RFC 3489 CHANGED-ADDRESS.
-    :param alt_port: The second port, used with *alt_address*.
+    :param alt_port: The second port, used with *alt_address*, and with
+        *second_port*.
+    :param second_port: Listen on *alt_port* of the primary address even
+        without *alt_address*: a peer that binds there too, from the socket
+        it bound at the primary port, learns whether its NAT maps per
+        destination (:meth:`second_port_number`).
     :param software: SOFTWARE text for every answer; ``None`` keeps answers
         small.
     :param tcp: Whether to serve STUN over TCP on the primary address and
@@ -206,6 +214,7 @@ class StunServer(Service):
         max_tcp_connections: int = 1000,
         fast_path: bool = True,
         bindings: Bindings | None = None,
+        second_port: bool = False,
     ) -> None:
         if alt_address is not None and (
             not interface or ipaddress.ip_address(interface).is_unspecified
@@ -219,6 +228,7 @@ class StunServer(Service):
         self.port = port
         self.alt_address = alt_address
         self.alt_port = alt_port
+        self.second_port = second_port
         self.tcp = tcp
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
@@ -251,13 +261,15 @@ class StunServer(Service):
         primary = self._listen_udp(PRIMARY, self.interface, self.port)
         primary_port = primary.getHost().port
         if self.alt_address is not None:
-            alt = self._listen_udp(SocketKey(0, 1), self.interface, self.alt_port)
+            alt = self._listen_udp(SECOND_PORT, self.interface, self.alt_port)
             alt_port = alt.getHost().port
             self._listen_udp(SocketKey(1, 0), self.alt_address, primary_port)
             self._listen_udp(SocketKey(1, 1), self.alt_address, alt_port)
             self.responder.addresses = ServerAddresses(
                 Endpoint(self.interface, primary_port), Endpoint(self.alt_address, alt_port)
             )
+        elif self.second_port:
+            self._listen_udp(SECOND_PORT, self.interface, self.alt_port)
         if self.tcp:
             if not IReactorTCP.providedBy(self.reactor):
                 raise TypeError(
@@ -296,6 +308,12 @@ class StunServer(Service):
     def fast_answers(self) -> int:
         """Plain Binding requests answered by the fast path (not in :attr:`stats`)."""
         return sum(getattr(port, "fast_answers", 0) for port in self._udp.values())
+
+    def second_port_number(self) -> int:
+        """The port of the primary address's second socket, 0 when there is none."""
+        if SECOND_PORT not in self._udp:
+            return 0
+        return self.endpoint(SECOND_PORT).port
 
     def endpoint(self, key: SocketKey = PRIMARY) -> Endpoint:
         """The address of a listening UDP socket (the real port when 0 was asked)."""

@@ -38,7 +38,9 @@ def _natcat(*arguments: str) -> list[str]:
 def rendezvous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The client endpoint description of a ``twistd natrendezvous`` on 127.0.0.1."""
     directory = tmp_path_factory.mktemp("natcat")
-    with start_rendezvous(directory, "--stun-port", "0", "--stun-interface", "127.0.0.1") as rv:
+    with start_rendezvous(
+        directory, "--stun-port", "0", "--alt-port", "0", "--stun-interface", "127.0.0.1"
+    ) as rv:
         deadline = time.monotonic() + TIMEOUT
         while (
             found := re.search(r"rendezvous on 127\.0\.0\.1:(\d+)", rv.server.log_text())

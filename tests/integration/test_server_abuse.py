@@ -291,7 +291,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]:
     with start_rendezvous(
         tmp_path_factory.mktemp("abuse"),
         "--stun-interface", LOOPBACK,
-        "--stun-port", "0",
+        "--stun-port", "0", "--alt-port", "0",
         "--tcp-idle-timeout", str(IDLE_TIMEOUT),
     ) as rendezvous:  # fmt: skip
         yield rendezvous

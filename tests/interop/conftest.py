@@ -30,7 +30,7 @@ def rendezvous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendezvous]
     with start_rendezvous(
         tmp_path_factory.mktemp("rendezvous"),
         "--stun-interface", LOOPBACK,
-        "--stun-port", "0",
+        "--stun-port", "0", "--alt-port", "0",
     ) as server:  # fmt: skip
         yield server
 

@@ -124,7 +124,11 @@ def test_tcp_connects_where_punching_can(
 def _assert_clean_punching_failure(refused: Refused) -> None:
     """The caller failed for the right reason, saying so, within the budget."""
     assert refused.returncode == 1, refused.detail
-    assert refused.report is None, refused.detail
+    # No connection, so the JSON line says why: the race, with the method's failure.
+    assert refused.report is not None, refused.detail
+    assert refused.report["method"] is None, refused.detail
+    (attempt,) = refused.report["race"]["attempts"]
+    assert (attempt["method"], attempt["outcome"]) == ("tcp", "failed"), refused.detail
     assert "TCP hole punching failed" in refused.error, refused.detail
     assert "SYN" in refused.error, refused.detail
     assert refused.seconds < FAILING_PUNCH_TIMEOUT + PUNCH_SLACK, refused.detail

@@ -109,7 +109,11 @@ def _two_nats(lab: Lab, callee_nat: Preset, caller_nat: Preset) -> tuple[Host, H
 def _assert_clean_punching_failure(refused: Refused) -> None:
     """The caller failed for the right reason, saying so, within the budget."""
     assert refused.returncode == 1, refused.detail
-    assert refused.report is None, refused.detail
+    # No connection, so the JSON line says why: the race, with the method's failure.
+    assert refused.report is not None, refused.detail
+    assert refused.report["method"] is None, refused.detail
+    (attempt,) = refused.report["race"]["attempts"]
+    assert (attempt["method"], attempt["outcome"]) == ("udp", "failed"), refused.detail
     assert "UDP hole punching" in refused.error, refused.detail
     assert "fail" in refused.error.lower(), refused.detail
     assert refused.seconds < PUNCH_BUDGET, refused.detail

@@ -465,6 +465,8 @@ def test_register_and_lookup(rig: Rig) -> None:
             "udp_port": 0,
             "udp_private": [],
             "tcp_private": [],
+            "udp_second_host": "",
+            "udp_second_port": 0,
         }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -52,7 +53,7 @@ from nattraverse.stun.attributes import Username
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.message import decode, encode
-from nattraverse.stun.responder import BindingResponder
+from nattraverse.stun.responder import BindingResponder, SocketKey
 from nattraverse.stun.server import StunServer
 from nattraverse.tap import Options, makeService
 from tests.deferreds import failed, succeeded
@@ -65,6 +66,8 @@ from tests.unit.rendezvous.rendezvous_fakes import (
 )
 
 STUN = Endpoint("192.0.2.1", 3478)  # the fake rendezvous host, its Hello's STUN port
+SECOND = Endpoint("192.0.2.1", 3479)  # its second STUN port, when Hello names it
+SECOND_MAPPED = Endpoint("203.0.113.7", 41001)  # a NAT that maps per destination, +1
 MAPPED = Endpoint("203.0.113.7", 41000)
 REBOUND = Endpoint("203.0.113.7", 41999)
 IDENTITIES = [Identity.generate() for _ in range(2)]
@@ -75,9 +78,11 @@ class Owner:
 
     def __init__(self) -> None:
         self.seen: list[Endpoint] = []
+        self.second: list[bool] = []
 
-    def udp_bound(self, source: Endpoint) -> None:
+    def udp_bound(self, source: Endpoint, *, second: bool = False) -> None:
         self.seen.append(source)
+        self.second.append(second)
 
 
 def counting(start: int = 1) -> Any:
@@ -207,11 +212,17 @@ class ServerRig:
     """A RendezvousFactory on a Clock, in-memory connections to it, and a STUN responder
     sharing its token table."""
 
-    def __init__(self, udp_bindings: UdpBindings | None = None) -> None:
+    def __init__(self, udp_bindings: UdpBindings | None = None, stun_second_port: int = 0) -> None:
         self.clock = Clock()
-        self.factory = RendezvousFactory(self.clock, stun_port=3478, udp_bindings=udp_bindings)
+        self.factory = RendezvousFactory(
+            self.clock,
+            stun_port=3478,
+            stun_second_port=stun_second_port,
+            udp_bindings=udp_bindings,
+        )
         self.stun = BindingResponder(bindings=self.factory.udp_bindings)
         self.pumps: list[iosim.IOPump] = []
+        self.hellos: list[dict[str, Any]] = []
 
     def connect(
         self, host: str
@@ -256,6 +267,7 @@ class ServerRig:
         """A connection past Hello and Authenticate, and its UDP token."""
         peer, server, _ = self.connect(host)
         hello = self.call(peer, Hello, version=PROTOCOL_VERSION)
+        self.hellos.append(hello)
         self.call(
             peer,
             Authenticate,
@@ -264,10 +276,14 @@ class ServerRig:
         )
         return peer, server, hello["udp_token"]
 
-    def bind(self, token: bytes, source: Endpoint) -> None:
-        """An authenticated Binding request with *token* arrives from *source*."""
+    def bind(self, token: bytes, source: Endpoint, *, second: bool = False) -> None:
+        """
+        An authenticated Binding request with *token* arrives from *source*
+        (at the STUN service's second port when *second* is true).
+        """
         username, key = udp_credentials(token)
-        assert self.stun.respond(binding_request(username, key), source) is not None
+        local = SocketKey(0, 1) if second else SocketKey(0, 0)
+        assert self.stun.respond(binding_request(username, key), source, local) is not None
 
 
 @pytest.fixture
@@ -352,6 +368,27 @@ def test_lookup_shows_the_address_at_lookup_time(rig: ServerRig) -> None:
     assert (found["udp_host"], found["udp_port"]) == REBOUND
 
 
+def test_lookup_gives_the_second_port_observation(rig: ServerRig) -> None:
+    """A binding at the second STUN port is given out as udp_second; the first stays udp."""
+    _, server, token = registered(rig)
+    caller, _, _ = rig.authenticated(IDENTITIES[1], "192.0.2.20")
+    found = rig.call(caller, Lookup, peer="alice")
+    assert (found["udp_second_host"], found["udp_second_port"]) == ("", 0)
+    rig.bind(token, MAPPED)
+    rig.bind(token, SECOND_MAPPED, second=True)
+    assert (server.udp_observed, server.udp_second_observed) == (MAPPED, SECOND_MAPPED)
+    found = rig.call(caller, Lookup, peer="alice")
+    assert (found["udp_host"], found["udp_port"]) == MAPPED
+    assert (found["udp_second_host"], found["udp_second_port"]) == SECOND_MAPPED
+
+
+def test_hello_names_the_second_port() -> None:
+    """The factory's stun_second_port is Hello's."""
+    rig = ServerRig(stun_second_port=3479)
+    rig.authenticated(IDENTITIES[0], "192.0.2.10")
+    assert rig.hellos[-1]["stun_second_port"] == 3479
+
+
 def test_register_keeps_udp_private(rig: ServerRig) -> None:
     """The udp_private hints of Register are given out by Lookup."""
     registered(rig, udp_private=[{"host": "10.0.0.5", "port": 5000}])
@@ -426,18 +463,30 @@ class StunLoop:
         self.demux.makeConnection(self.transport)
         self.responder = BindingResponder(bindings=table)
         self.mapped = MAPPED
+        self.second_mapped = SECOND_MAPPED
         self.answering = True
+        self.second_answers = True
         self.sent: list[bytes] = []
+        self.destinations: list[Endpoint] = []
 
     def deliver(self) -> int:
-        """Answer every datagram the socket sent; how many there were."""
+        """
+        Answer every datagram the socket sent (to the STUN port, or to the
+        second port through the NAT's next mapping); how many there were.
+        """
         written, self.transport.written = self.transport.written, []
         for data, address in written:
-            assert tuple(address) == tuple(STUN)
+            second = tuple(address) == tuple(SECOND)
+            assert second or tuple(address) == tuple(STUN)
             self.sent.append(data)
-            reply = self.responder.respond(data, self.mapped)
-            if reply is not None and self.answering:
-                self.demux.datagramReceived(reply.payload, tuple(STUN))
+            self.destinations.append(Endpoint(*address))
+            reply = self.responder.respond(
+                data,
+                self.second_mapped if second else self.mapped,
+                SocketKey(0, 1) if second else SocketKey(0, 0),
+            )
+            if reply is not None and self.answering and not (second and not self.second_answers):
+                self.demux.datagramReceived(reply.payload, tuple(address))
         return len(written)
 
 
@@ -684,6 +733,19 @@ def test_introduce_carries_the_caller_udp(
     (introduction,) = handler.introductions
     assert introduction.peer.udp == Endpoint("198.51.100.9", 50001)
     assert introduction.peer.udp_private == (Endpoint("10.0.0.9", 5000),)
+
+
+def test_introduce_and_connect_carry_the_second_observation(
+    session: RendezvousSession, network: Network, handler: Handler
+) -> None:
+    """udp_second_host/port become PeerInfo.udp_second, on both sides of an introduction."""
+    second = {"udp_second_host": "198.51.100.9", "udp_second_port": 50002}
+    args = introduce_args(udp_host="198.51.100.9", udp_port=50001, **second)
+    succeeded(call(network, network.server.ask(Introduce, **args)))
+    assert handler.introductions[0].peer.udp_second == Endpoint("198.51.100.9", 50002)
+    network.script.connect.update(udp_host="198.51.100.9", udp_port=50001, **second)
+    introduction = succeeded(call(network, session.connect("bob", 0, [], ["udp"])))
+    assert introduction.peer.udp_second == Endpoint("198.51.100.9", 50002)
 
 
 def test_peer_info_defaults() -> None:
@@ -982,6 +1044,59 @@ def test_open_session_binds_while_authenticating(
     assert session.udp_observed == MAPPED
     assert session.udp_error is None
     session.close()
+
+
+def test_open_session_binds_at_the_second_port_too(
+    clock: Clock,
+    network: Network,
+    identity: Identity,
+    table: UdpBindings,
+    loop: StunLoop,
+    owner: Owner,
+) -> None:
+    """With a second STUN port in Hello, the socket binds there right after the STUN port."""
+    network.script.hello["stun_second_port"] = SECOND.port
+    d = open_session(clock, network.endpoint(), identity, udp=loop.demux)
+    network.flush()
+    assert loop.deliver() == 2
+    assert loop.destinations == [STUN, SECOND]  # in that order: the NAT allocates so
+    session = succeeded(d)
+    assert session.udp_observed == MAPPED
+    assert session.udp_second_observed == SECOND_MAPPED
+    assert owner.seen == [MAPPED, SECOND_MAPPED]
+    assert owner.second == [False, True]
+    session.close()
+
+
+def test_a_silent_second_port_does_not_fail_the_binding(
+    clock: Clock, network: Network, identity: Identity, table: UdpBindings, loop: StunLoop
+) -> None:
+    """No answer from the second port: the session binds, without a second address."""
+    network.script.hello["stun_second_port"] = SECOND.port
+    loop.second_answers = False
+    d = open_session(clock, network.endpoint(), identity, udp=loop.demux, udp_timeout=1.0)
+    network.flush()
+    for _ in range(8):
+        loop.deliver()
+        clock.advance(0.25)
+    session = succeeded(d)
+    assert session.udp_observed == MAPPED
+    assert session.udp_second_observed is None
+    assert session.udp_error is None
+    session.close()
+    network.flush()
+    assert loop.demux.client.pending == 0
+
+
+def test_the_keepalive_binds_at_the_stun_port_only(
+    session: RendezvousSession, loop: StunLoop
+) -> None:
+    """bind_udp without second=True sends one request, to the STUN port."""
+    session.hello = replace(session.hello, stun_second_port=SECOND.port)
+    d = session.bind_udp(loop.demux)
+    assert loop.deliver() == 1
+    assert loop.destinations == [STUN]
+    assert succeeded(d) == MAPPED
 
 
 def test_open_session_survives_a_failed_binding(

@@ -29,9 +29,11 @@ class Owner:
 
     def __init__(self) -> None:
         self.seen: list[Endpoint] = []
+        self.second: list[bool] = []
 
-    def udp_bound(self, source: Endpoint) -> None:
+    def udp_bound(self, source: Endpoint, *, second: bool = False) -> None:
         self.seen.append(source)
+        self.second.append(second)
 
 
 @pytest.fixture
