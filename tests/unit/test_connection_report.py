@@ -100,16 +100,23 @@ def test_race_records_how_each_contender_fared() -> None:
     assert found["relay"].last_resort
 
 
-def test_race_records_running_contenders_as_running() -> None:
-    """Before the race ends, running and waiting contenders say so."""
-    clock = Clock()
-    race: Race[Any] = Race(
+def _running_and_waiting(
+    clock: Clock, *, stagger: float, timeout: float | None = None
+) -> Race[Any]:
+    """A race of "a", which never ends by itself, and "r", a last resort after *stagger*."""
+    return Race(
         clock,
         [Contender("a", lambda: Deferred()), Contender("r", lambda: Deferred(), last_resort=True)],
         on_lost=_lost,
         discard=lambda value: None,
-        stagger=1,
+        stagger=stagger,
+        timeout=timeout,
     )
+
+
+def test_race_records_running_contenders_as_running() -> None:
+    """Before the race ends, running and waiting contenders say so."""
+    race = _running_and_waiting(Clock(), stagger=1)
     result = race.run()
     assert [a.outcome for a in race.attempts] == ["running", "waiting"]
     result.cancel()
@@ -144,14 +151,7 @@ def test_race_records_a_late_success_and_a_displaced_winner() -> None:
 def test_race_records_timeouts_as_failures() -> None:
     """At the timeout a running contender failed (timed out); a waiting one was not started."""
     clock = Clock()
-    race: Race[Any] = Race(
-        clock,
-        [Contender("a", lambda: Deferred()), Contender("r", lambda: Deferred(), last_resort=True)],
-        on_lost=_lost,
-        discard=lambda value: None,
-        stagger=20,
-        timeout=10,
-    )
+    race = _running_and_waiting(clock, stagger=20, timeout=10)
     result = race.run()
     clock.advance(10)
     assert isinstance(failure_of(result).value, PunchFailed)
