@@ -136,7 +136,7 @@ def race_report(
     found = tuple(
         MethodAttempt(
             a.name,
-            Outcome(a.outcome) if a.outcome in Outcome._value2member_map_ else Outcome.CANCELLED,
+            Outcome(a.outcome),  # the race is over: no "running" or "waiting" left
             since(a.started),
             since(a.ended),
             reason(a.outcome, a.error),
