@@ -430,8 +430,15 @@ class PunchListener:
 
         if self._udp is None or self._udp.closed:
             return []
-        observed = self._registration.udp_observed if self._registration is not None else None
-        return gather(self._udp.address.port, self._udp_hosts, observed)
+        registration = self._registration
+        if registration is None:
+            return gather(self._udp.address.port, self._udp_hosts, None)
+        return gather(
+            self._udp.address.port,
+            self._udp_hosts,
+            registration.udp_observed,
+            registration.udp_second_observed,
+        )
 
     def _not_registered(self, result: object, seconds: float) -> object:
         if isinstance(result, Failure) and result.check(CancelledError):

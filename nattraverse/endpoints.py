@@ -500,7 +500,7 @@ class PunchClientEndpoint:
             )
         hosts = local_ipv4_addresses() if self._private is None else self._private
         number = port.address.port
-        local = gather(number, hosts, observed)
+        local = gather(number, hosts, observed, session.udp_second_observed)
         return tuple(local), [(host, number) for host in hosts], None
 
     def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[Path]:

@@ -21,6 +21,7 @@ into findings are pure functions (:func:`classify_mapping`,
 from nattraverse._types import Filtering, Mapping
 from nattraverse.discovery._probes import LIFETIME_STEPS, discover
 from nattraverse.discovery._report import (
+    MAX_SEQUENTIAL_STEP,
     Allocation,
     AllocationPattern,
     BindingLifetime,
@@ -36,6 +37,7 @@ from nattraverse.errors import DiscoveryError
 
 __all__ = [
     "LIFETIME_STEPS",
+    "MAX_SEQUENTIAL_STEP",
     "Allocation",
     "AllocationPattern",
     "BindingLifetime",

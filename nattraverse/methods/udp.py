@@ -12,16 +12,23 @@ caller before it asks for the introduction, so that the callee learns the
 caller's address with it; the listener once, with keepalives.  The
 candidates are each side's host addresses on that port (hints) and its
 server-reflexive address (observed); peer-reflexive ones are learned from
-the checks (:mod:`nattraverse.punch`).
+the checks (:mod:`nattraverse.punch`).  When the peer's NAT maps per
+destination and allocates ports sequentially (the rendezvous observed the
+peer's socket at two ports, a small step apart), the peer's predicted next
+mappings are checked too, first (port prediction,
+:mod:`nattraverse.punch.mapping`); a failure says which NATs the two
+sides are behind.
 
 Plugin scans import this module: heavy modules are imported in the methods.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nattraverse.interfaces import CalleeContext, CallerContext, ITraversalMethod, TraversalMethod
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from nattraverse.punch.candidates import Candidate
+    from nattraverse.punch.mapping import NatMapping
     from nattraverse.quic import QuicPath
     from nattraverse.rendezvous.client import Introduction, PeerInfo
 
@@ -48,6 +56,45 @@ def udp_candidates(peer: PeerInfo) -> list[Candidate]:
     if peer.udp is not None:
         found.append(Candidate.server_reflexive(peer.udp))
     return found
+
+
+def _remote(
+    peer: PeerInfo, local: Sequence[Candidate], *, caller: bool
+) -> tuple[list[Candidate], NatMapping, NatMapping]:
+    """
+    The candidates to check, predicted ones included when *peer*'s NAT
+    allocates sequentially, and both sides' NAT mappings.
+    """
+    from nattraverse.punch.candidates import Candidate
+    from nattraverse.punch.mapping import infer_mapping, own_mapping, predicted_ports
+
+    theirs = infer_mapping(peer.udp, peer.udp_second)
+    ours = own_mapping(local)
+    remote = udp_candidates(peer)
+    remote.extend(Candidate.predicted(a) for a in predicted_ports(theirs, ours, caller=caller))
+    return remote, ours, theirs
+
+
+def _explain(failure: Failure, ours: NatMapping, theirs: NatMapping) -> Failure:
+    """A checks failure that says which NATs the two sides are behind."""
+    from nattraverse.errors import PunchChecksFailed
+    from nattraverse.punch.mapping import MappingKind
+
+    error = failure.value
+    if not isinstance(error, PunchChecksFailed):
+        return failure
+    note = f"this side is behind {ours.describe()}, the peer behind {theirs.describe()}"
+    kinds = {ours.kind, theirs.kind}
+    if ours.per_destination and theirs.per_destination and MappingKind.RANDOM in kinds:
+        note += (
+            ": both map per destination and one at random ports, which no prediction "
+            "can reach (the relay carries such pairs)"
+        )
+    elif MappingKind.RANDOM in kinds and (ours.per_destination or theirs.per_destination):
+        note += ": random ports per destination cannot be predicted"
+    elif MappingKind.SEQUENTIAL in kinds:
+        note += ": the predicted ports did not answer"
+    return Failure(PunchChecksFailed(error.reason, f"{note}; {error.seen}", error.stats))
 
 
 @implementer(IPlugin, ITraversalMethod)
@@ -71,14 +118,19 @@ class UdpMethod(TraversalMethod):
         return None
 
     def attempt(self, context: CallerContext) -> Deferred[QuicPath]:
-        """Check every pair; secure the first one validated in both directions."""
+        """
+        Check every pair (predicted ones too, when the callee's NAT allocates
+        sequentially); secure the first one validated in both directions.
+        """
         assert context.udp is not None, "attempt() without applies()"
-        return context.udp.call(
+        remote, ours, theirs = _remote(context.introduction.peer, context.udp_local, caller=True)
+        result = context.udp.call(
             context.secrets(self.name),
             local=context.udp_local,
-            remote=udp_candidates(context.introduction.peer),
+            remote=remote,
             timeout=context.timeout,
         )
+        return result.addErrback(_explain, ours, theirs)
 
     def introduced(
         self, context: CalleeContext, introduction: Introduction
@@ -88,12 +140,14 @@ class UdpMethod(TraversalMethod):
             return None
         if self.name not in introduction.methods:
             return None
-        remote = udp_candidates(introduction.peer)
-        if not remote:
+        if not udp_candidates(introduction.peer):
             return None
-        return context.udp.answer(
+        local = context.udp_candidates()
+        remote, ours, theirs = _remote(introduction.peer, local, caller=False)
+        result = context.udp.answer(
             context.secrets(introduction, self.name),
-            local=context.udp_candidates(),
+            local=local,
             remote=remote,
             timeout=context.timeout,
         )
+        return result.addErrback(_explain, ours, theirs)

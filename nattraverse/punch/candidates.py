@@ -19,8 +19,12 @@ within a class:
    several levels of NAT);
 4. :attr:`PairClass.FOREIGN_PRIVATE`: host to host across different public
    addresses; it works only when both happen to share a private network
-   (a VPN, a carrier's inner realm) and is tried last.  A host that answers
-   there without the session's key is ignored by the checks.
+   (a VPN, a carrier's inner realm).  A host that answers there without
+   the session's key is ignored by the checks.
+5. :attr:`PairClass.PREDICTED`: to a predicted mapping of a peer behind a
+   sequential symmetric NAT (:mod:`~nattraverse.punch.mapping`).  These
+   are last in the paced order, but the check machine sends them all at
+   once when it starts, before any other check.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class CandidateKind(enum.Enum):
     HOST = "host"
     SERVER_REFLEXIVE = "srflx"
     PEER_REFLEXIVE = "prflx"
+    #: Not from RFC 8445: a mapping the peer's sequential NAT is predicted
+    #: to allocate (:func:`~nattraverse.punch.mapping.predicted_ports`).
+    PREDICTED = "predicted"
 
 
 #: Type preferences recommended by RFC 8445 section 5.1.2.2.
@@ -58,6 +65,7 @@ TYPE_PREFERENCE = {
     CandidateKind.HOST: 126,
     CandidateKind.PEER_REFLEXIVE: 110,
     CandidateKind.SERVER_REFLEXIVE: 100,
+    CandidateKind.PREDICTED: 50,
 }
 
 
@@ -108,6 +116,11 @@ class Candidate:
         """A server-reflexive candidate, as a STUN/rendezvous server observed it."""
         return cls.of(CandidateKind.SERVER_REFLEXIVE, address)
 
+    @classmethod
+    def predicted(cls, address: tuple[str, int]) -> Candidate:
+        """A predicted candidate: a mapping the peer's NAT is expected to allocate."""
+        return cls.of(CandidateKind.PREDICTED, address)
+
     def __str__(self) -> str:
         return f"{self.kind.value} {self.address}"
 
@@ -119,6 +132,7 @@ class PairClass(enum.IntEnum):
     PUBLIC = 1
     HAIRPIN = 2
     FOREIGN_PRIVATE = 3
+    PREDICTED = 4
 
 
 def pair_priority(controlling: int, controlled: int) -> int:
@@ -169,6 +183,8 @@ def classify(
     The :class:`PairClass` of a pair to *remote*, given every local
     candidate and every (known) remote candidate.
     """
+    if remote.kind is CandidateKind.PREDICTED:
+        return PairClass.PREDICTED
     ours = _reflexive_hosts(local)
     if remote.kind is CandidateKind.HOST:
         theirs = {c.address for c in remote_candidates if c.kind is not CandidateKind.HOST}
@@ -230,17 +246,26 @@ def form_pairs(
     return sorted(best.values(), key=CandidatePair.sort_key)
 
 
-def gather(port: int, hosts: Sequence[str], observed: tuple[str, int] | None) -> list[Candidate]:
+def gather(
+    port: int,
+    hosts: Sequence[str],
+    observed: tuple[str, int] | None,
+    second: tuple[str, int] | None = None,
+) -> list[Candidate]:
     """
     One side's candidates on its punching port: a host candidate per
     address in *hosts* (the port's local addresses), then the
-    server-reflexive address *observed* by the rendezvous, when known.
-    Without a usable host address (a peer on loopback only), the observed
-    address is the base too.
+    server-reflexive address *observed* by the rendezvous, when known, and
+    the one its STUN service's *second* port observed, when known (even
+    when equal: the two show how this side's NAT maps, see
+    :func:`~nattraverse.punch.mapping.own_mapping`).  Without a usable host
+    address (a peer on loopback only), the observed address is the base too.
     """
     found = [Candidate.host((host, port)) for host in hosts]
     if observed is not None:
         if not found:
             found.append(Candidate.host(observed))
         found.append(Candidate.server_reflexive(observed))
+        if second is not None:
+            found.append(Candidate.server_reflexive(second))
     return found

@@ -22,7 +22,9 @@ Anything that fails decoding, USERNAME, integrity, FINGERPRINT or the
 role check is dropped and counted in :class:`CheckStats`, and changes no
 state: a path is never chosen on an unauthenticated packet.
 
-Pacing and retransmission: one new check (the next waiting pair in
+Pacing and retransmission: the checks of predicted pairs (port prediction,
+:mod:`~nattraverse.punch.mapping`) all go out at the start, before any
+other; then one new check (the next waiting pair in
 :func:`~nattraverse.punch.candidates.form_pairs` order) every
 :attr:`CheckConfig.ta`.  Triggered checks (answering the peer's check on a
 pair not yet validated) and the nomination go out at once: they follow
@@ -37,7 +39,8 @@ to ``max_tries`` sends, and times out ``rm * rto`` after the last.  A
 timed-out pair is checked again later while its budget lasts (the peer's
 NAT may open meanwhile).  Requests sent are bounded per pair and in total;
 the machine fails with :class:`PunchChecksFailed` when the budget is spent
-with nothing in flight, or at the overall deadline.
+with nothing in flight, or at the overall deadline.  Each predicted pair
+adds ``max_tries`` requests to the total budget (:attr:`CheckMachine.max_checks`).
 
 Nomination (RFC 8445 section 8.1.1, regular nomination): the controlling
 side (the caller) picks the first pair validated in both directions (its
@@ -69,6 +72,7 @@ from nattraverse.punch.candidates import (
     Candidate,
     CandidateKind,
     CandidatePair,
+    PairClass,
     candidate_priority,
     form_pairs,
     make_pair,
@@ -284,6 +288,10 @@ class CheckMachine:
             p.remote.address: _Pair(p) for p in form_pairs(local, remote, controlling=controlling)
         }
         self._order: list[_Pair] = list(self._pairs.values())
+        predicted = sum(1 for p in self._order if p.pair.pair_class is PairClass.PREDICTED)
+        #: Requests sent in total at most: the configured budget, and each
+        #: predicted pair's full retransmission series on top.
+        self.max_checks = self.config.max_checks + predicted * self.config.max_tries
         self._transactions: dict[bytes, _Transaction] = {}
         self._outgoing: list[tuple[bytes, Endpoint]] = []
         self._nominating: _Pair | None = None
@@ -327,6 +335,12 @@ class CheckMachine:
             raise RuntimeError("the check machine was already started")
         self._started = now
         self._next_pace = now
+        for pair in self._order:
+            # All at once, before any other check: each probe may open a
+            # new mapping on a sequential NAT of ours, in the order the
+            # peer predicts (nattraverse.punch.mapping).
+            if pair.pair.pair_class is PairClass.PREDICTED:
+                self._check(pair, now, use_candidate=False)
         self.handle_timer(now)
 
     def take_datagrams(self) -> list[tuple[bytes, Endpoint]]:
@@ -392,7 +406,7 @@ class CheckMachine:
     def _can_send(self, pair: _Pair, *, nomination: bool = False) -> bool:
         # A nomination is bound by the total budget only: a pair that spent
         # its own on checks lost on the way is the one that works.
-        if self.stats.requests_sent >= self.config.max_checks:
+        if self.stats.requests_sent >= self.max_checks:
             return False
         return nomination or pair.sent < self.config.max_checks_per_pair
 
@@ -650,10 +664,23 @@ class CheckMachine:
 
     def describe(self) -> str:
         """What the checks saw so far, in words (for logs and errors)."""
+        listed = [p for p in self._order if p.pair.pair_class is not PairClass.PREDICTED]
+        predicted = [p for p in self._order if p.pair.pair_class is PairClass.PREDICTED]
         parts = [
-            f"{len(self._order)} pairs: "
-            + ", ".join(f"{p.pair.remote} {p.state.value} ({p.last_result})" for p in self._order)
+            f"{len(listed)} pairs: "
+            + ", ".join(f"{p.pair.remote} {p.state.value} ({p.last_result})" for p in listed)
         ]
+        if predicted:
+            answered = [p for p in predicted if p.state is PairState.SUCCEEDED or p.received]
+            parts.append(
+                f"{len(predicted)} predicted pairs ({predicted[0].pair.remote.address} "
+                f"to {predicted[-1].pair.remote.address}): "
+                + (
+                    ", ".join(f"{p.pair.remote.address} {p.state.value}" for p in answered)
+                    if answered
+                    else "none answered"
+                )
+            )
         srflx = {c.address for c in self.remote if c.kind is CandidateKind.SERVER_REFLEXIVE}
         heard = [p.pair.remote.address for p in self._order if p.received]
         if not heard:

@@ -222,6 +222,15 @@ class Registration(Service):
         session = self.session
         return session.udp_observed if session is not None else None
 
+    @property
+    def udp_second_observed(self) -> Endpoint | None:
+        """
+        Where the STUN service's second port observed the UDP socket, on
+        the current session, when it did.
+        """
+        session = self.session
+        return session.udp_second_observed if session is not None else None
+
     # -- the service --------------------------------------------------------
 
     def startService(self) -> None:
