@@ -108,12 +108,18 @@ def _cancelled_means_cancelled(task: Deferred[Any]) -> Deferred[Any]:
 
 
 def race_report(
-    race: Race[Any], peer: str, peer_id: str, started: float, introduced: float
+    race: Race[Any],
+    peer: str,
+    peer_id: str,
+    started: float,
+    introduced: float,
+    nats: str | None = None,
 ) -> ConnectionReport:
     """
     The :class:`~nattraverse.report.ConnectionReport` of a race that is
     over: times from *introduced* (when every method started), the
-    introduction's own time from *started* (when ``connect()`` was called).
+    introduction's own time from *started* (when ``connect()`` was called),
+    and how both sides' NATs map (*nats*, when known).
     """
     attempts = race.attempts
     winner = next((a for a in attempts if a.outcome == "won"), None)
@@ -151,6 +157,7 @@ def race_report(
         introduced=introduced - started,
         connected=None if winner is None else since(winner.ended),
         attempts=found,
+        nats=nats,
     )
 
 
@@ -372,6 +379,7 @@ class PunchClientEndpoint:
                     self._peer,
                 )
             remaining = max(deadline - reactor.seconds(), 0.001)
+            nats, stagger = self._nats(udp_local, introduction)
             context = CallerContext(
                 reactor=reactor,
                 identity=self._identity,
@@ -392,7 +400,7 @@ class PunchClientEndpoint:
                 [self._contender(method, context) for method in self._methods],
                 on_lost=partial(PunchFailed, self._peer),
                 discard=discard_path,
-                stagger=self._stagger,
+                stagger=stagger,
                 preferred=self.TCP_METHODS,
                 grace=self._prefer_tcp,
                 timeout=remaining,
@@ -402,9 +410,9 @@ class PunchClientEndpoint:
             try:
                 name, path = await race.run()
             except PunchFailed as e:
-                e.report = race_report(race, self._peer, str(expected), started, introduced)
+                e.report = race_report(race, self._peer, str(expected), started, introduced, nats)
                 raise
-            report = race_report(race, self._peer, str(expected), started, introduced)
+            report = race_report(race, self._peer, str(expected), started, introduced, nats)
             try:
                 protocol = path.select(factory, started=started, report=report)
             except BaseException:
@@ -502,6 +510,35 @@ class PunchClientEndpoint:
         number = port.address.port
         local = gather(number, hosts, observed, session.udp_second_observed)
         return tuple(local), [(host, number) for host in hosts], None
+
+    def _nats(
+        self, udp_local: Sequence[Any], introduction: Introduction
+    ) -> tuple[str | None, float]:
+        """
+        How both sides' NATs map, in words (``None`` unless this side's
+        punching socket was observed at both of the rendezvous' ports), and
+        the relay's stagger: none when no direct UDP path can be predicted
+        between them (:func:`~nattraverse.punch.mapping.beyond_prediction`),
+        so that such a pair is relayed at once.
+        """
+        from nattraverse.punch.mapping import (
+            MappingKind,
+            beyond_prediction,
+            describe_pair,
+            infer_mapping,
+            own_mapping,
+        )
+
+        ours = own_mapping(udp_local)
+        if ours.kind is MappingKind.UNKNOWN:
+            return None, self._stagger
+        peer = introduction.peer
+        theirs = infer_mapping(peer.udp, peer.udp_second)
+        text = describe_pair(ours, theirs)
+        hopeless = beyond_prediction(ours, theirs)
+        if hopeless is None:
+            return text, self._stagger
+        return f"{text}: {hopeless}", 0.0
 
     def _contender(self, method: ITraversalMethod, context: CallerContext) -> Contender[Path]:
         try:

@@ -128,6 +128,10 @@ class ConnectionReport:
         authenticated path; ``None`` when none won.
     :ivar attempts: Every method, in the endpoint's order.
     :ivar upgrades: Moves to a better path after the connection was made.
+    :ivar nats: How both sides' NATs map, in words, when the rendezvous
+        observed both punching sockets at its two ports
+        (:func:`~nattraverse.punch.mapping.describe_pair`); ``None``
+        otherwise.
     """
 
     peer: str
@@ -137,6 +141,7 @@ class ConnectionReport:
     connected: float | None
     attempts: tuple[MethodAttempt, ...]
     upgrades: tuple[Upgrade, ...] = field(default=())
+    nats: str | None = None
 
     @property
     def relayed(self) -> bool:
@@ -165,6 +170,10 @@ class ConnectionReport:
         """
         if not self.relayed:
             return None
+        text = self._why_relayed()
+        return text if self.nats is None else f"{text}; {self.nats}"
+
+    def _why_relayed(self) -> str:
         direct = [a for a in self.attempts if not a.relay]
         if not direct:
             return "only relay methods were enabled"
@@ -191,6 +200,7 @@ class ConnectionReport:
             self.connected,
             self.attempts,
             (*self.upgrades, upgrade),
+            self.nats,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -203,6 +213,7 @@ class ConnectionReport:
             "connected_ms": _ms(self.connected),
             "relayed": self.relayed,
             "why_relayed": self.why_relayed,
+            "nats": self.nats,
             "attempts": [a.to_json() for a in self.attempts],
             "upgrades": [u.to_json() for u in self.upgrades],
         }
@@ -219,6 +230,8 @@ class ConnectionReport:
         lines.extend(f"  {attempt}" for attempt in self.attempts)
         if self.why_relayed is not None:
             lines.append(f"  relayed because {self.why_relayed}")
+        elif self.nats is not None:
+            lines.append(f"  {self.nats}")
         lines.extend(
             f"  moved from {u.old} to {u.new} ({u.remote}) at {u.at * 1000:.0f} ms"
             for u in self.upgrades

@@ -46,6 +46,8 @@ __all__ = [
     "WINDOW",
     "MappingKind",
     "NatMapping",
+    "beyond_prediction",
+    "describe_pair",
     "infer_mapping",
     "own_mapping",
     "predicted_ports",
@@ -165,3 +167,26 @@ def own_mapping(local: Sequence[Candidate]) -> NatMapping:
     return infer_mapping(
         observed[0] if observed else None, observed[1] if len(observed) > 1 else None
     )
+
+
+def beyond_prediction(ours: NatMapping, theirs: NatMapping) -> str | None:
+    """
+    Why no direct UDP path between these two NATs can be found, or ``None``
+    when one may be: both map per destination and at least one allocates
+    random ports (prediction needs sequential ports on both; birthday
+    probing needs one side that maps independently).
+    """
+    if not (ours.per_destination and theirs.per_destination):
+        return None
+    if MappingKind.RANDOM not in (ours.kind, theirs.kind):
+        return None
+    return (
+        "both NATs map per destination and "
+        + ("both allocate" if ours.kind is theirs.kind else "one allocates")
+        + " random ports, so no direct UDP path can be predicted"
+    )
+
+
+def describe_pair(ours: NatMapping, theirs: NatMapping) -> str:
+    """Both sides' mappings in words, for reports."""
+    return f"this side is behind {ours.describe()}; the peer behind {theirs.describe()}"

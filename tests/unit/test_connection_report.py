@@ -326,3 +326,82 @@ def test_natcat_json_report_of_a_failure() -> None:
     assert line["method"] is None
     assert line["error"] == "could not reach bob: udp: budget"
     assert line["race"]["attempts"][0]["outcome"] == "failed"
+
+
+# -- the NATs ------------------------------------------------------------------------
+
+
+def _with_udp(first: int, second: int) -> Any:
+    """An introduction whose callee was observed at *first* and *second* (one address)."""
+    from dataclasses import replace
+
+    from nattraverse._types import Endpoint
+
+    introduction = _introduction()
+    peer = replace(
+        introduction.peer,
+        udp=Endpoint("192.0.2.20", first),
+        udp_second=Endpoint("192.0.2.20", second),
+    )
+    return replace(introduction, peer=peer)
+
+
+def _local(first: int, second: int) -> list[Any]:
+    from nattraverse.punch.candidates import gather
+
+    return gather(5000, ["10.0.0.2"], ("198.51.100.9", first), ("198.51.100.9", second))
+
+
+def test_why_relayed_names_the_nats() -> None:
+    """A report that knows both NATs adds them to why_relayed and to its JSON."""
+    found = ConnectionReport(
+        "bob",
+        "nt1bob",
+        "relay",
+        0.04,
+        0.1,
+        (
+            MethodAttempt("udp", Outcome.CANCELLED, 0.0, 0.1, "stopped when relay won"),
+            MethodAttempt("relay", Outcome.WON, 0.0, 0.1, relay=True),
+        ),
+        nats="this side is behind A; the peer behind B",
+    )
+    assert found.why_relayed is not None
+    assert found.why_relayed.endswith("; this side is behind A; the peer behind B")
+    assert found.to_json()["nats"] == "this side is behind A; the peer behind B"
+    direct = ConnectionReport("bob", "nt1bob", "udp", 0.04, 0.1, (), nats="N")
+    assert direct.describe().splitlines()[-1] == "  N"
+
+
+def test_pairs_beyond_prediction_are_relayed_at_once() -> None:
+    """Random per-destination ports on one side, per-destination on both: no stagger."""
+    endpoint, _ = _endpoint(Clock(), [FakeMethod("udp")], FakeSession())
+    nats, stagger = endpoint._nats(_local(20000, 20001), _with_udp(40000, 51234))
+    assert stagger == 0.0
+    assert nats is not None
+    assert "sequentially (step +1)" in nats
+    assert "random ports" in nats
+    assert nats.endswith("so no direct UDP path can be predicted")
+
+
+@pytest.mark.parametrize(
+    ("local", "peer"),
+    [((20000, 20001), (40000, 40001)), ((4000, 4000), (40000, 51234))],
+    ids=["sequential-pair", "independent-and-random"],
+)
+def test_pairs_within_reach_keep_the_stagger(local: tuple[int, int], peer: tuple[int, int]) -> None:
+    """Prediction or birthday probing may serve these: the relay waits its stagger."""
+    endpoint, _ = _endpoint(Clock(), [FakeMethod("udp")], FakeSession())
+    nats, stagger = endpoint._nats(_local(*local), _with_udp(*peer))
+    assert stagger == 0.5
+    assert nats is not None
+    assert "no direct UDP path" not in nats
+
+
+def test_without_the_second_observation_nothing_is_said() -> None:
+    """A side observed at one port only: no NAT text, the usual stagger."""
+    from nattraverse.punch.candidates import gather
+
+    endpoint, _ = _endpoint(Clock(), [FakeMethod("udp")], FakeSession())
+    local = gather(5000, ["10.0.0.2"], ("198.51.100.9", 20000))
+    assert endpoint._nats(local, _with_udp(40000, 51234)) == (None, 0.5)
