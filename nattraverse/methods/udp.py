@@ -16,8 +16,11 @@ the checks (:mod:`nattraverse.punch`).  When the peer's NAT maps per
 destination and allocates ports sequentially (the rendezvous observed the
 peer's socket at two ports, a small step apart), the peer's predicted next
 mappings are checked too, first (port prediction,
-:mod:`nattraverse.punch.mapping`); a failure says which NATs the two
-sides are behind.
+:mod:`nattraverse.punch.mapping`).  When one side's NAT allocates random
+ports per destination and the other's maps independently, both sides also
+take part in birthday-paradox probing (:mod:`nattraverse.punch.birthday`)
+if nothing authenticated came from the peer shortly after the start.  A
+failure says which NATs the two sides are behind.
 
 Plugin scans import this module: heavy modules are imported in the methods.
 """
@@ -36,6 +39,7 @@ from nattraverse.interfaces import CalleeContext, CallerContext, ITraversalMetho
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from nattraverse.punch.birthday import BirthdayPlan
     from nattraverse.punch.candidates import Candidate
     from nattraverse.punch.mapping import NatMapping
     from nattraverse.quic import QuicPath
@@ -60,11 +64,13 @@ def udp_candidates(peer: PeerInfo) -> list[Candidate]:
 
 def _remote(
     peer: PeerInfo, local: Sequence[Candidate], *, caller: bool
-) -> tuple[list[Candidate], NatMapping, NatMapping]:
+) -> tuple[list[Candidate], NatMapping, NatMapping, BirthdayPlan | None]:
     """
     The candidates to check, predicted ones included when *peer*'s NAT
-    allocates sequentially, and both sides' NAT mappings.
+    allocates sequentially, both sides' NAT mappings, and this side's part
+    in birthday-paradox probing, if any.
     """
+    from nattraverse.punch.birthday import birthday_plan
     from nattraverse.punch.candidates import Candidate
     from nattraverse.punch.mapping import infer_mapping, own_mapping, predicted_ports
 
@@ -72,7 +78,7 @@ def _remote(
     ours = own_mapping(local)
     remote = udp_candidates(peer)
     remote.extend(Candidate.predicted(a) for a in predicted_ports(theirs, ours, caller=caller))
-    return remote, ours, theirs
+    return remote, ours, theirs, birthday_plan(ours, theirs)
 
 
 def _explain(failure: Failure, ours: NatMapping, theirs: NatMapping) -> Failure:
@@ -89,6 +95,11 @@ def _explain(failure: Failure, ours: NatMapping, theirs: NatMapping) -> Failure:
         note += (
             ": both map per destination and one at random ports, which no prediction "
             "can reach (the relay carries such pairs)"
+        )
+    elif MappingKind.RANDOM in kinds and MappingKind.INDEPENDENT in kinds:
+        note += (
+            ": random ports per destination cannot be predicted, and birthday-paradox "
+            "probing found none of them within its budget"
         )
     elif MappingKind.RANDOM in kinds and (ours.per_destination or theirs.per_destination):
         note += ": random ports per destination cannot be predicted"
@@ -120,15 +131,19 @@ class UdpMethod(TraversalMethod):
     def attempt(self, context: CallerContext) -> Deferred[QuicPath]:
         """
         Check every pair (predicted ones too, when the callee's NAT allocates
-        sequentially); secure the first one validated in both directions.
+        sequentially; birthday-paradox probing when one NAT is random and the
+        other independent); secure the first one validated in both directions.
         """
         assert context.udp is not None, "attempt() without applies()"
-        remote, ours, theirs = _remote(context.introduction.peer, context.udp_local, caller=True)
+        remote, ours, theirs, plan = _remote(
+            context.introduction.peer, context.udp_local, caller=True
+        )
         result = context.udp.call(
             context.secrets(self.name),
             local=context.udp_local,
             remote=remote,
             timeout=context.timeout,
+            birthday=plan,
         )
         return result.addErrback(_explain, ours, theirs)
 
@@ -143,11 +158,12 @@ class UdpMethod(TraversalMethod):
         if not udp_candidates(introduction.peer):
             return None
         local = context.udp_candidates()
-        remote, ours, theirs = _remote(introduction.peer, local, caller=False)
+        remote, ours, theirs, plan = _remote(introduction.peer, local, caller=False)
         result = context.udp.answer(
             context.secrets(introduction, self.name),
             local=local,
             remote=remote,
             timeout=context.timeout,
+            birthday=plan,
         )
         return result.addErrback(_explain, ours, theirs)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from nattraverse._types import Endpoint
 from nattraverse.punch.candidates import CandidatePair
-from nattraverse.punch.checks import CheckMachine
+from nattraverse.punch.checks import CheckMachine, ProbeSchedule
 
 __all__ = ["IceAgent"]
 
@@ -81,6 +81,13 @@ class IceAgent:
         taken = self.machine.datagram_received(data, source, self._reactor.seconds())
         self._flush()
         return taken
+
+    def spray(self, schedule: ProbeSchedule) -> None:
+        """Start the machine's probes (:meth:`CheckMachine.spray`)."""
+        if self._result is None or self._stopped:
+            return
+        self.machine.spray(schedule, self._reactor.seconds())
+        self._flush()
 
     def stop(self) -> None:
         """Stop checking and answering; cancel the timer.  Idempotent."""

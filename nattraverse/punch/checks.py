@@ -54,6 +54,15 @@ answered (or as soon as it is).
 An ended machine still answers the peer's authenticated checks (its last
 answer may have been lost, and the peer's NAT binding wants refreshing);
 it changes no state and sends no checks of its own.
+
+Probes (birthday-paradox probing, :mod:`~nattraverse.punch.birthday`):
+:meth:`CheckMachine.spray` sends single checks, never retransmitted, to the
+addresses a :class:`ProbeSchedule` yields when due; they count in
+:attr:`CheckStats.probes_sent`, not in the check budget.  An authenticated
+answer from the very address probed makes a succeeded pair of it (learned
+like a peer-reflexive one); the spray stops at the first authenticated
+packet from the peer, and while it goes on the machine does not fail for
+lack of budget (the deadline still holds).
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed, StunDecodeError, StunIntegrityError
@@ -96,7 +106,11 @@ __all__ = [
     "CheckStats",
     "IceCredentials",
     "PairState",
+    "ProbeSchedule",
     "PunchChecksFailed",
+    "authentic_answer",
+    "authentic_request",
+    "encode_check",
 ]
 
 
@@ -131,6 +145,79 @@ class IceCredentials:
             _derive(secret, b"ufrag " + theirs)[:4].hex(),
             _derive(secret, b"key " + theirs),
         )
+
+
+def encode_check(
+    credentials: IceCredentials,
+    transaction_id: bytes,
+    *,
+    controlling: bool,
+    tie_breaker: int,
+    use_candidate: bool = False,
+) -> bytes:
+    """A connectivity check to the peer (see the module docstring), keyed by its key."""
+    role: Attribute = IceControlling(tie_breaker) if controlling else IceControlled(tie_breaker)
+    attributes: list[Attribute] = [
+        Username(f"{credentials.remote_ufrag}:{credentials.local_ufrag}"),
+        Priority(candidate_priority(CandidateKind.PEER_REFLEXIVE)),
+        role,
+    ]
+    if use_candidate:
+        attributes.append(UseCandidate())
+    return encode(
+        Method.BINDING,
+        MessageClass.REQUEST,
+        transaction_id,
+        attributes,
+        integrity_key=credentials.remote_key,
+        fingerprint=True,
+    )
+
+
+def authentic_request(data: bytes, credentials: IceCredentials, *, controlling: bool) -> bool:
+    """
+    Whether *data* is a check from the peer: a Binding request with our
+    USERNAME, our key's MESSAGE-INTEGRITY, a FINGERPRINT and the peer's role.
+    """
+    try:
+        message = decode(data)
+        if message.method != Method.BINDING or message.message_class is not MessageClass.REQUEST:
+            return False
+        username = message.get(Username)
+        expected = f"{credentials.local_ufrag}:{credentials.remote_ufrag}"
+        if username is None or username.value != expected or message.get(Fingerprint) is None:
+            return False
+        message.check_integrity(credentials.local_key)
+    except (StunDecodeError, StunIntegrityError):
+        return False
+    return message.get(IceControlled if controlling else IceControlling) is not None
+
+
+def authentic_answer(data: bytes, credentials: IceCredentials, transaction_id: bytes) -> bool:
+    """Whether *data* is the peer's success response to our check *transaction_id*."""
+    try:
+        message = decode(data)
+        if message.message_class is not MessageClass.SUCCESS:
+            return False
+        if message.transaction_id != transaction_id or message.get(Fingerprint) is None:
+            return False
+        message.check_integrity(credentials.remote_key)
+    except (StunDecodeError, StunIntegrityError):
+        return False
+    return True
+
+
+class ProbeSchedule(Protocol):
+    """Where and when :meth:`CheckMachine.spray` sends its probes."""
+
+    def take(self, now: float) -> list[Endpoint]:
+        """The addresses due by *now*, each given once."""
+
+    def next_time(self) -> float | None:
+        """When the next address is due, ``None`` when none is left."""
+
+    def describe(self) -> str:
+        """What was probed, in words."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +294,8 @@ class CheckStats:
         unknown transaction, a response from another address than the
         request went to, the wrong role, an error response.
     :ivar peer_reflexive: Peer-reflexive remote candidates learned.
+    :ivar probes_sent: Single-shot probes sent (:meth:`CheckMachine.spray`).
+    :ivar probes_answered: Probes answered with authentication.
     """
 
     requests_sent: int = 0
@@ -219,6 +308,8 @@ class CheckStats:
     integrity_failures: int = 0
     unexpected: int = 0
     peer_reflexive: int = 0
+    probes_sent: int = 0
+    probes_answered: int = 0
 
 
 @dataclass(slots=True)
@@ -298,6 +389,11 @@ class CheckMachine:
         self._started: float | None = None
         self._next_pace = 0.0
         self._mapped: set[Endpoint] = set()
+        self._spray: ProbeSchedule | None = None
+        self._sprayed: ProbeSchedule | None = None
+        self._probes: dict[bytes, tuple[Endpoint, float]] = {}
+        #: Until when an answer to the last probe is awaited (no budget failure before).
+        self._probes_until = 0.0
 
     # -- public surface -----------------------------------------------------------------
 
@@ -316,8 +412,33 @@ class CheckMachine:
         return self._pairs[Endpoint(remote[0], remote[1])].state
 
     def expects(self, transaction_id: bytes) -> bool:
-        """Whether a response with *transaction_id* would answer one of our checks."""
-        return transaction_id in self._transactions
+        """Whether a response with *transaction_id* would answer one of our checks or probes."""
+        return transaction_id in self._transactions or transaction_id in self._probes
+
+    @property
+    def heard_anything(self) -> bool:
+        """Whether any authenticated check or answer came from the peer."""
+        return any(p.received or p.state is PairState.SUCCEEDED for p in self._order)
+
+    @property
+    def spraying(self) -> bool:
+        """Whether a spray has probes left to send."""
+        return self._spray is not None
+
+    def spray(self, schedule: ProbeSchedule, now: float) -> None:
+        """
+        Send a probe to each address *schedule* yields, when due, until an
+        authenticated packet comes from the peer, :meth:`stop_spray`, or the
+        end (see the module docstring).
+        """
+        if self._started is None or self.done:
+            return
+        self._spray = self._sprayed = schedule
+        self.handle_timer(now)
+
+    def stop_spray(self) -> None:
+        """Send no more probes (answers to those sent still count)."""
+        self._spray = None
 
     def rtt_to(self, remote: tuple[str, int]) -> float | None:
         """The round trip a check to *remote* took (sent once and answered), if measured."""
@@ -356,6 +477,12 @@ class CheckMachine:
         times.extend(t.next_time for t in self._transactions.values())
         if self._has_work():
             times.append(self._next_pace)
+        if self._spray is not None:
+            due = self._spray.next_time()
+            if due is not None:
+                times.append(due)
+        elif self._probes_until:
+            times.append(self._probes_until)
         return min(times)
 
     def handle_timer(self, now: float) -> None:
@@ -367,6 +494,9 @@ class CheckMachine:
                 self._transaction_due(txid, transaction, now)
         if now >= self._next_pace and self._send_next(now):
             self._next_pace = now + self.config.ta
+        self._send_probes(now)
+        if self._probes_until and now >= self._probes_until and self._spray is None:
+            self._probes_until = 0.0
         self._check_end(now)
 
     def datagram_received(self, data: bytes, source: tuple[str, int], now: float) -> bool:
@@ -424,27 +554,40 @@ class CheckMachine:
                 return transaction
         return None
 
+    def _send_probes(self, now: float) -> None:
+        spray = self._spray
+        if spray is None:
+            return
+        if self.heard_anything:
+            self._spray = None  # the peer got through: checks take over
+            return
+        for address in spray.take(now):
+            txid = self._random(12)
+            self._probes[txid] = (address, now)
+            self.stats.probes_sent += 1
+            self._outgoing.append(
+                (
+                    encode_check(
+                        self.credentials,
+                        txid,
+                        controlling=self.controlling,
+                        tie_breaker=self._tie_breaker,
+                    ),
+                    address,
+                )
+            )
+            self._probes_until = now + self.config.rm * self.config.rto
+        if spray.next_time() is None:
+            self._spray = None
+
     def _check(self, pair: _Pair, now: float, *, use_candidate: bool) -> _Transaction:
         txid = self._random(12)
-        role: Attribute = (
-            IceControlling(self._tie_breaker)
-            if self.controlling
-            else IceControlled(self._tie_breaker)
-        )
-        attributes: list[Attribute] = [
-            Username(f"{self.credentials.remote_ufrag}:{self.credentials.local_ufrag}"),
-            Priority(candidate_priority(CandidateKind.PEER_REFLEXIVE)),
-            role,
-        ]
-        if use_candidate:
-            attributes.append(UseCandidate())
-        data = encode(
-            Method.BINDING,
-            MessageClass.REQUEST,
+        data = encode_check(
+            self.credentials,
             txid,
-            attributes,
-            integrity_key=self.credentials.remote_key,
-            fingerprint=True,
+            controlling=self.controlling,
+            tie_breaker=self._tie_breaker,
+            use_candidate=use_candidate,
         )
         transaction = _Transaction(pair, data, use_candidate, sent_at=now, interval=self.config.rto)
         self._transactions[txid] = transaction
@@ -582,7 +725,44 @@ class CheckMachine:
         self._order.append(pair)
         return pair
 
+    def _probe_answered(self, message: Message, source: Endpoint, now: float) -> None:
+        address, sent_at = self._probes[message.transaction_id]
+        try:
+            message.check_integrity(self.credentials.remote_key)
+        except StunIntegrityError:
+            self.stats.integrity_failures += 1
+            return
+        if message.get(Fingerprint) is None:
+            self.stats.integrity_failures += 1
+            return
+        if source != address or message.message_class is not MessageClass.SUCCESS:
+            self.stats.unexpected += 1
+            return
+        del self._probes[message.transaction_id]
+        self.stats.probes_answered += 1
+        self._spray = None
+        pair = self._pairs.get(source)
+        if pair is None:
+            pair = self._learn(source, 0)
+        pair.last_result = "probe answered"
+        pair.rtt = now - sent_at
+        mapped = message.get(XorMappedAddress)
+        if mapped is not None:
+            pair.mapped = Endpoint(mapped.address[0], mapped.address[1])
+        if pair.state is not PairState.SUCCEEDED:
+            for txid, other in list(self._transactions.items()):
+                if other.pair is pair and not other.use_candidate:
+                    del self._transactions[txid]
+            pair.state = PairState.SUCCEEDED
+        if pair.nominate_on_success:
+            self.nominated = pair.pair
+            return
+        self._maybe_nominate(now)
+
     def _response(self, message: Message, source: Endpoint, now: float) -> None:
+        if message.transaction_id in self._probes:
+            self._probe_answered(message, source, now)
+            return
         transaction = self._transactions.get(message.transaction_id)
         if transaction is None:
             self.stats.unexpected += 1
@@ -652,6 +832,8 @@ class CheckMachine:
         elif (
             not self._transactions
             and not self._has_work()
+            and self._spray is None
+            and not self._probes_until
             and not any(p.state is PairState.SUCCEEDED for p in self._order)
         ):
             # A succeeded pair still waits for the peer (its check, or its
@@ -680,6 +862,13 @@ class CheckMachine:
                     if answered
                     else "none answered"
                 )
+            )
+        if self.stats.probes_sent:
+            described = self._sprayed.describe() if self._sprayed is not None else ""
+            parts.append(
+                f"birthday probing: {self.stats.probes_sent} probes sent"
+                + (f" ({described})" if described else "")
+                + f", {self.stats.probes_answered} answered"
             )
         srflx = {c.address for c in self.remote if c.kind is CandidateKind.SERVER_REFLEXIVE}
         heard = [p.pair.remote.address for p in self._order if p.received]

@@ -20,6 +20,16 @@ while the nomination goes on; the callee side (:meth:`PunchingPort.answer`)
 runs its checks and accepts the caller's QUIC connection.  Both fire with
 a :class:`~nattraverse.quic.QuicPath` whose peer proved its identity.
 
+Birthday-paradox probing (:mod:`~nattraverse.punch.birthday`), when the
+session's plan asks for it and nothing authenticated came from the peer
+after :attr:`~nattraverse.punch.birthday.BirthdayConfig.delay`: the easy
+side sprays probes from this socket (its check machine's spray); the hard
+side opens its many sockets, and the one the peer reaches becomes a *child*
+port of this one, carrying a session with the same credentials and its
+QUIC path (the caller's client, or the callee accepting the caller's), and
+closing when that path ends; the others close at once.  Whichever path
+authenticates first ends the session.
+
 A listening peer keeps one port for all its introductions; a caller opens
 one per ``connect()``.  Closing the port while QUIC paths carry connections
 would kill them: :meth:`PunchingPort.close_when_idle` waits for them.
@@ -39,9 +49,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
+from nattraverse.errors import PunchChecksFailed
 from nattraverse.identity import Identity
 from nattraverse.punch.agent import IceAgent
-from nattraverse.punch.candidates import Candidate, CandidatePair
+from nattraverse.punch.birthday import (
+    BirthdayConfig,
+    BirthdayPlan,
+    BirthdayRole,
+    HardSockets,
+    PortSpray,
+    random_ports,
+)
+from nattraverse.punch.candidates import Candidate, CandidateKind, CandidatePair
 from nattraverse.punch.checks import CheckConfig, CheckMachine, IceCredentials
 from nattraverse.quic import QuicPath, is_quic
 from nattraverse.secure import PathSecrets
@@ -86,10 +105,13 @@ class _Session:
         local: Sequence[Candidate],
         remote: Sequence[Candidate],
         timeout: float,
+        birthday: BirthdayPlan | None = None,
     ) -> None:
         self.port = port
         self.secrets = secrets
         self.controlling = controlling
+        self.local = list(local)
+        self.birthday = birthday
         self.credentials = IceCredentials.from_secret(secrets.secret, controlling=controlling)
         machine = CheckMachine(
             controlling=controlling,
@@ -106,13 +128,29 @@ class _Session:
         self.finished = False
         self.timeout = timeout
         self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
+        self._birthday_timer: IDelayedCall | None = None
+        #: The hard side's sockets, while they wait to be reached.
+        self.hard: HardSockets | None = None
+        #: The hard side's socket that was reached, as a port of its own.
+        self.child: PunchingPort | None = None
+        self._birthday_over = False
+        self._child_won = False
+        self._started = 0.0
 
     def __repr__(self) -> str:
         role = "caller" if self.controlling else "callee"
         return f"<punch session {self.secrets.session.hex()} ({role})>"
 
     def start(self) -> Deferred[QuicPath]:
-        self._timer = self.port.reactor.callLater(self.timeout, self._timed_out)
+        reactor = self.port.reactor
+        self._started = reactor.seconds()
+        self._deadline = self._started + self.timeout
+        self._timer = reactor.callLater(self.timeout, self._timed_out)
+        if self.birthday is not None:
+            self._birthday_timer = reactor.callLater(self.port.birthday.delay, self._birthday_due)
+        else:
+            self._birthday_over = True
         chosen = self.agent.start()
         if self.controlling:
             chosen.addCallbacks(self._selected, self._checks_failed)
@@ -124,7 +162,7 @@ class _Session:
 
     def _selected(self, pair: CandidatePair) -> None:
         """Caller: the checks chose *pair*: start QUIC on it."""
-        if self.finished:
+        if self.finished or self.path is not None:
             return
         _log.info(
             "UDP punch {session}: pair {pair} validated both ways; securing it",
@@ -137,8 +175,8 @@ class _Session:
         if self.finished or failure.check(CancelledError):
             return
         self.checks_failure = failure
-        if self.path is None:
-            self.finish(failure)
+        if self.path is None and self._birthday_over:
+            self.finish(self._with_birthday(failure))
 
     def heard_from(self, source: Endpoint) -> bool:
         """Callee: whether *source* may start this session's QUIC path."""
@@ -148,6 +186,116 @@ class _Session:
             and self.path is None
             and self.agent.machine.heard_from(source)
         )
+
+    # -- birthday-paradox probing -------------------------------------------------
+
+    def _birthday_due(self) -> None:
+        """The delay is over: probe, unless the peer got through already."""
+        self._birthday_timer = None
+        plan, port = self.birthday, self.port
+        if self.finished or plan is None:
+            return
+        machine = self.agent.machine
+        if machine.heard_anything or machine.done:
+            _log.info(
+                "UDP punch {session}: no birthday probing, the checks reached the peer",
+                session=self.secrets.session.hex(),
+            )
+            self._end_birthday()
+            return
+        config = port.birthday
+        _log.info(
+            "UDP punch {session}: birthday probing ({plan})",
+            session=self.secrets.session.hex(),
+            plan=plan.describe(),
+        )
+        now = port.reactor.seconds()
+        if plan.role is BirthdayRole.EASY:
+            low, high = config.ports
+            ports = random_ports(port.random_bytes, config.probes, low, high)
+            self.agent.spray(PortSpray(plan.target.host, ports, config.rate, now))
+            self._end_birthday()  # the machine's spray: its end is the machine's
+            return
+        self.hard = HardSockets(
+            port.reactor,
+            self.credentials,
+            controlling=self.controlling,
+            target=plan.target,
+            config=config,
+            interface=port.interface,
+            # The easy side probes until its checks' deadline, at most.
+            until=min(self._deadline, self._started + port.config.deadline + 1.0),
+            random_bytes=port.random_bytes,
+            on_won=self._birthday_won,
+            on_over=self._end_birthday,
+        )
+        self.hard.start()
+
+    def _birthday_won(self, demux: Any, listening: Any, data: bytes, source: Endpoint) -> None:
+        """Hard side: a socket was reached: run this session on it too."""
+        if self.finished:
+            listening.stopListening()
+            return
+        child = self.port.adopt(demux, listening)
+        self.child = child
+        base = next((c for c in self.local if c.kind is CandidateKind.HOST), None)
+        host = base.address.host if base is not None else child.address.host
+        assert self.birthday is not None
+        local = [Candidate.host((host, child.address.port))]
+        remote = [Candidate.server_reflexive(self.birthday.target)]
+        remaining = max(self._deadline - self.port.reactor.seconds(), 0.001)
+        start = child.call if self.controlling else child.answer
+        result = start(self.secrets, local=local, remote=remote, timeout=remaining)
+        result.addBoth(self._child_done, child)
+        child.demux.datagramReceived(data, (source.host, source.port))
+
+    def _child_done(self, result: QuicPath | Failure, child: PunchingPort) -> None:
+        if self.finished or self.child is not child:
+            if not isinstance(result, Failure):
+                result.abort()
+            return None
+        if not isinstance(result, Failure):
+            child.close_when_idle()
+            if self.path is not None:
+                path, self.path = self.path, None
+                path.authenticated.addErrback(lambda _: None)
+                path.abort()
+            self._child_won = True
+            self.finish(result)
+            return None
+        _log.info(
+            "UDP punch {session}: the birthday socket's session failed: {error}",
+            session=self.secrets.session.hex(),
+            error=result.getErrorMessage(),
+        )
+        self.child = None
+        child.close()
+        self._end_birthday()
+        return None
+
+    def _end_birthday(self) -> None:
+        """Birthday probing is over (or not needed): fail if the checks did."""
+        self._birthday_over = True
+        if not self.finished and self.checks_failure is not None and self.path is None:
+            self.finish(self._with_birthday(self.checks_failure))
+
+    def _with_birthday(self, failure: Failure) -> Failure:
+        """*failure*, saying what the hard side's sockets did."""
+        error = failure.value
+        if self.hard is None or not isinstance(error, PunchChecksFailed):
+            return failure
+        seen = f"{error.seen}; birthday probing: {self.hard.describe()}"
+        return Failure(PunchChecksFailed(error.reason, seen, error.stats))
+
+    def _stop_birthday(self, keep_child: bool) -> None:
+        if self._birthday_timer is not None and self._birthday_timer.active():
+            self._birthday_timer.cancel()
+        self._birthday_timer = None
+        if self.hard is not None:
+            self.hard.stop()
+        if self.child is not None and not keep_child:
+            child, self.child = self.child, None
+            child.close()
 
     # -- the path ---------------------------------------------------------------
 
@@ -181,6 +329,8 @@ class _Session:
     def _timed_out(self) -> None:
         self._timer = None
         seen = self.agent.machine.describe()
+        if self.hard is not None:
+            seen += f"; birthday probing: {self.hard.describe()}"
         self.finish(
             Failure(TimeoutError(f"UDP hole punching timed out after {self.timeout:g} s; {seen}"))
         )
@@ -191,6 +341,7 @@ class _Session:
             self._timer.cancel()
         self._timer = None
         self.agent.stop()
+        self._stop_birthday(keep_child=self._child_won)
         self.port.forget(self)
         if not keep_path and self.path is not None:
             path, self.path = self.path, None
@@ -224,6 +375,7 @@ class PunchingPort:
     :param quic: Extra keyword arguments for every
         :class:`~nattraverse.quic.QuicPath` (``idle_timeout``,
         ``keepalive``, ...).
+    :param birthday: Birthday-paradox probing's sizes, rates and budget.
     """
 
     def __init__(
@@ -236,8 +388,10 @@ class PunchingPort:
         config: CheckConfig | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         quic: dict[str, Any] | None = None,
+        birthday: BirthdayConfig | None = None,
     ) -> None:
         self.reactor = reactor
+        self.birthday = BirthdayConfig() if birthday is None else birthday
         self.identity = identity
         self.config = CheckConfig() if config is None else config
         self.random_bytes = random_bytes
@@ -253,6 +407,9 @@ class PunchingPort:
         self._paths: dict[Endpoint, QuicPath] = {}
         self._closing: Deferred[None] | None = None
         self._close_when_idle = False
+        #: Ports adopted from birthday probing's sockets, and what to call when we close.
+        self._children: list[PunchingPort] = []
+        self._on_closed: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         where = self.address if self._listening is not None else "not listening"
@@ -284,6 +441,38 @@ class PunchingPort:
         return Endpoint(host.host, host.port)
 
     @property
+    def interface(self) -> str:
+        """The address the socket is bound to (or will be)."""
+        return self._interface
+
+    def adopt(self, demux: StunDemultiplexer, listening: Any) -> PunchingPort:
+        """
+        A child port on a socket that is already listening with *demux* (a
+        birthday socket that was reached), configured as this one; it
+        counts in :attr:`paths`, closes with this port, and this port
+        closing when idle waits for it.
+        """
+        child = PunchingPort(
+            self.reactor,
+            self.identity,
+            interface=self._interface,
+            config=self.config,
+            random_bytes=self.random_bytes,
+            quic=self._quic_options,
+            birthday=self.birthday,
+        )
+        child.demux = demux
+        demux.intercept = child._route
+        child._listening = listening
+        child._on_closed = self._child_closed
+        self._children.append(child)
+        return child
+
+    def _child_closed(self) -> None:
+        self._children = [c for c in self._children if c._listening is not None]
+        self._maybe_close()
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` has run (or will, when idle)."""
         return self._closing is not None or self._close_when_idle
@@ -295,8 +484,8 @@ class PunchingPort:
 
     @property
     def paths(self) -> int:
-        """QUIC paths alive on the port."""
-        return len(self._paths)
+        """QUIC paths alive on the port (and on its child ports)."""
+        return len(self._paths) + sum(child.paths for child in self._children)
 
     def close(self) -> Deferred[None]:
         """
@@ -311,6 +500,10 @@ class PunchingPort:
             path.authenticated.addErrback(lambda _: None)
             path.abort()
         self._paths.clear()
+        children, self._children = self._children, []
+        for child in children:
+            child._on_closed = None
+            child.close()
         listening, self._listening = self._listening, None
         self.demux.intercept = None
         closing: Deferred[None] = (
@@ -319,6 +512,8 @@ class PunchingPort:
             else maybeDeferred(listening.stopListening).addCallback(lambda _: None)
         )
         self._closing = closing
+        if self._on_closed is not None:
+            self._on_closed()
         return closing
 
     def close_when_idle(self) -> None:
@@ -330,10 +525,13 @@ class PunchingPort:
         for session in list(self._sessions.values()):
             if session.path is None or not session.path.terminated:
                 session.finish(Failure(ConnectionAborted("the punching port is closing")))
+        for child in list(self._children):
+            child.close_when_idle()
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if self._close_when_idle and not self._paths and not self._sessions:
+        idle = not self._paths and not self._sessions and not self._children
+        if self._close_when_idle and idle and self._closing is None:
             self.close()
 
     # -- sessions ---------------------------------------------------------------
@@ -345,17 +543,19 @@ class PunchingPort:
         local: Sequence[Candidate],
         remote: Sequence[Candidate],
         timeout: float,
+        birthday: BirthdayPlan | None = None,
     ) -> Deferred[QuicPath]:
         """
         The caller's side of a punch: checks (controlling), then QUIC (as
-        the client) on the first pair validated in both directions.
+        the client) on the first pair validated in both directions; with
+        *birthday*, birthday-paradox probing too (see the module docstring).
 
         :returns: A cancellable Deferred of the authenticated path, not yet
             selected; it fails with
             :class:`~nattraverse.errors.PunchChecksFailed`, the QUIC path's
             failure, or ``TimeoutError`` after *timeout* seconds.
         """
-        return self._start(secrets, True, local, remote, timeout)
+        return self._start(secrets, True, local, remote, timeout, birthday)
 
     def answer(
         self,
@@ -364,14 +564,16 @@ class PunchingPort:
         local: Sequence[Candidate],
         remote: Sequence[Candidate],
         timeout: float,
+        birthday: BirthdayPlan | None = None,
     ) -> Deferred[QuicPath]:
         """
         The callee's side: checks (controlled), and the caller's QUIC
-        connection from an address that passed a check.
+        connection from an address that passed a check (or on the hard
+        side's birthday socket that was reached).
 
         :returns: As :meth:`call`, the path firing once the caller selected it.
         """
-        return self._start(secrets, False, local, remote, timeout)
+        return self._start(secrets, False, local, remote, timeout, birthday)
 
     def _start(
         self,
@@ -380,6 +582,7 @@ class PunchingPort:
         local: Sequence[Candidate],
         remote: Sequence[Candidate],
         timeout: float,
+        birthday: BirthdayPlan | None,
     ) -> Deferred[QuicPath]:
         if self._listening is None or self.closed:
             raise RuntimeError("the punching port is not listening")
@@ -392,6 +595,7 @@ class PunchingPort:
             local=local,
             remote=remote,
             timeout=timeout,
+            birthday=birthday,
         )
         self._sessions[secrets.session] = session
         self._by_ufrag[session.credentials.local_ufrag] = session

@@ -7,10 +7,14 @@ a callee (``natcat --listen alice``) and a caller (``natcat alice``), and
 checks what the caller's and the callee's ``--json-report`` say:
 
 - the 5x5 matrix of the callee's NAT x the caller's NAT with ``--methods
-  udp`` on both sides: the 17 pairs plain punching serves connect by UDP and
-  echo 1 MiB intact; the other 8 (port-restricted with a symmetric kind, in
-  either role, and symmetric kinds with each other) fail within the punching
-  budget with a clear error, and nothing reaches the callee's application;
+  udp`` on both sides: the 17 pairs plain punching serves, the 3 port
+  prediction serves and the 2 birthday-paradox probing serves (port-restricted
+  with random symmetric, in either role) connect by UDP and echo 1 MiB
+  intact; the other 3 (random symmetric with a symmetric kind) fail within
+  the punching budget with a clear error, and nothing reaches the callee's
+  application;
+- port-restricted with random symmetric, 20 connections in a row in each
+  role: birthday-paradox probing's success rate and time to connect;
 - the same 25 pairs with every method: all connect, the 17 by hole punching
   (UDP or TCP, whichever wins the race), the 8 through the relay;
 - both peers behind one NAT, with and without hairpin: the private pair wins;
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +43,7 @@ from typing import Any
 import pytest
 
 from nattraverse.punch import CheckConfig
-from tests.lab.natcheck_support import running
+from tests.lab.natcheck_support import repo_environment, running, stop
 from tests.lab.punch_support import (
     RENDEZVOUS_ADDRESS,
     RENDEZVOUS_PORT,
@@ -46,9 +51,13 @@ from tests.lab.punch_support import (
     Refused,
     echo_through,
     host_of,
+    listener,
+    natcat_argv,
     refused_through,
+    rendezvous,
+    reports,
 )
-from tests.natlab import Host, Lab, Preset
+from tests.natlab import Host, Lab, Preset, PublicHost
 from tests.natlab._netns import program
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -90,16 +99,30 @@ def prediction_serves(callee: Preset, caller: Preset) -> bool:
     return not punching_serves(callee, caller) and Preset.SYMMETRIC not in {callee, caller}
 
 
+def birthday_serves(callee: Preset, caller: Preset) -> bool:
+    """
+    Whether birthday-paradox probing connects a pair neither plain punching
+    nor prediction can: a random symmetric NAT with one that maps
+    independently but filters by port (nattraverse.punch.birthday).
+    """
+    return {callee, caller} == {Preset.PORT_RESTRICTED, Preset.SYMMETRIC}
+
+
 def udp_serves(callee: Preset, caller: Preset) -> bool:
-    """Whether the udp method connects the pair: plain punching or prediction."""
-    return punching_serves(callee, caller) or prediction_serves(callee, caller)
+    """Whether the udp method connects the pair: plain punching, prediction or birthday probing."""
+    return (
+        punching_serves(callee, caller)
+        or prediction_serves(callee, caller)
+        or birthday_serves(callee, caller)
+    )
 
 
 PAIRS = [(callee, caller) for callee in NATS for caller in NATS]
 SERVED = [pair for pair in PAIRS if udp_serves(*pair)]
 NOT_SERVED = [pair for pair in PAIRS if not udp_serves(*pair)]
 PREDICTED = [pair for pair in PAIRS if prediction_serves(*pair)]
-assert (len(SERVED), len(NOT_SERVED), len(PREDICTED)) == (20, 5, 3)
+BIRTHDAY = [pair for pair in PAIRS if birthday_serves(*pair)]
+assert (len(SERVED), len(NOT_SERVED), len(PREDICTED), len(BIRTHDAY)) == (22, 3, 3, 2)
 
 
 def _pair_id(pair: tuple[Preset, Preset]) -> str:
@@ -175,8 +198,8 @@ def test_every_pair_connects_with_all_methods(
 ) -> None:
     """
     With every method, each pair connects and echoes 1 MiB: by UDP where
-    punching or port prediction works (the relay starts 0.5 s late),
-    through the relay where neither can.
+    punching or port prediction works (the relay starts 0.5 s late), by UDP
+    or the relay where birthday probing does, through the relay where none can.
     """
     callee, caller = _two_nats(lab, callee_nat, caller_nat)
     mine, theirs = echo_through(lab, caller, callee, tmp_path)
@@ -186,6 +209,10 @@ def test_every_pair_connects_with_all_methods(
         # TCP methods take ports of the sequential NATs, and well within
         # the relay's stagger.
         assert mine["method"] == "udp", mine["race"]
+    elif birthday_serves(callee_nat, caller_nat):
+        # Birthday probing starts 0.5 s after the checks and takes a second
+        # or more: the relay, 0.5 s behind the direct methods, often wins.
+        assert mine["method"] in {"udp", "relay"}, mine["race"]
     elif punching_serves(callee_nat, caller_nat):
         # UDP or TCP hole punching usually wins (the relay starts after its
         # 0.5 s stagger), but a first check lost or a busy CI machine can let
@@ -451,3 +478,93 @@ def test_a_wrong_host_at_the_private_address_is_passed_over(lab: Lab, tmp_path: 
     assert theirs["method"] == "udp"
     assert host_of(mine["remote"]) == callee.public_address
     assert all(d["stun"] for d in _received(log)), _received(log)
+
+
+# -- birthday-paradox probing, again and again ---------------------------------------
+
+#: Connections in a row per role.
+BIRTHDAY_ATTEMPTS = 20
+#: Of those, how many must connect by UDP at least (the budget's own odds are 99.7 %).
+BIRTHDAY_FLOOR = 17
+#: Seconds one caller may take, at most: startup, the rendezvous, the probing, the echo.
+BIRTHDAY_CALLER_TIMEOUT = 40.0
+
+
+def _one_call(lab: Lab, caller: Host, directory: Path, attempt: int) -> tuple[bool, str, float]:
+    """
+    One ``natcat --methods udp`` caller echoing 64 KiB through the running
+    callee: whether it connected by UDP with the bytes intact, why not, and
+    its time to connect in seconds.
+    """
+    payload = os.urandom(64 * 1024)
+    source = directory / f"payload-{attempt}"
+    source.write_bytes(payload)
+    argv = natcat_argv(
+        "alice", "--rendezvous", f"tcp:{RENDEZVOUS_ADDRESS}:{RENDEZVOUS_PORT}", "--json-report",
+        "--quit-after", "1", "--verbose", *UDP_ONLY,
+    )  # fmt: skip
+    with source.open("rb") as stdin:
+        process = caller.popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=repo_environment(),
+        )
+    try:
+        out, err = process.communicate(timeout=BIRTHDAY_CALLER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        return False, "still running after the timeout", 0.0
+    finally:
+        stop(process)
+    text = err.decode(errors="replace")
+    (directory / f"caller-{attempt}.err").write_text(text)
+    found = reports(text)
+    if process.returncode != 0 or not found:
+        errors = [line for line in text.splitlines() if line.startswith("natcat: ")]
+        return False, f"exit {process.returncode}: {' '.join(errors)[-400:]}", 0.0
+    report = found[0]
+    if report["method"] != "udp" or out != payload:
+        return False, f"method {report['method']}, {len(out)} bytes back", 0.0
+    return True, "", report["connect_ms"] / 1000
+
+
+@pytest.mark.parametrize("hard_calls", [True, False], ids=["symmetric-calls", "prc-calls"])
+def test_birthday_probing_success_rate(lab: Lab, tmp_path: Path, hard_calls: bool) -> None:
+    """
+    A caller and a callee behind a port-restricted and a random symmetric
+    NAT (either way round) connect by UDP in at least 17 of 20 attempts;
+    the rate and the times to connect are printed.
+    """
+    hard_nat, easy_nat = Preset.SYMMETRIC, Preset.PORT_RESTRICTED
+    callee_nat, caller_nat = (easy_nat, hard_nat) if hard_calls else (hard_nat, easy_nat)
+    callee, caller = _two_nats(lab, callee_nat, caller_nat)
+    server = lab.nodes["rendezvous"]
+    assert isinstance(server, PublicHost)
+    outcomes: list[tuple[bool, str, float]] = []
+    started = time.monotonic()
+    callee_text = ""
+    with rendezvous(server, tmp_path):
+        for attempt in range(BIRTHDAY_ATTEMPTS):
+            # A new callee each time, on a new punching port: the port-restricted
+            # NAT still lets in, for 30 s, the ports the last attempt probed
+            # from the same port, which would make the next attempt easier.
+            with listener(callee, tmp_path, *UDP_ONLY) as callee_side:
+                outcomes.append(_one_call(lab, caller, tmp_path, attempt))
+                callee_text = callee_side.text()
+    times = sorted(seconds for ok, _, seconds in outcomes if ok)
+    failures = [why for ok, why, _ in outcomes if not ok]
+    summary = (
+        f"birthday probing, {caller_nat.value} caller -> {callee_nat.value} callee: "
+        f"{len(times)}/{len(outcomes)} connected by UDP in {time.monotonic() - started:.0f} s"
+    )
+    if times:
+        summary += (
+            f"; connect median {statistics.median(times):.2f} s, "
+            f"min {times[0]:.2f} s, max {times[-1]:.2f} s"
+        )
+    print(summary)
+    for why in failures:
+        print(f"  failed: {why}")
+    assert len(times) >= BIRTHDAY_FLOOR, f"{summary}\n{failures}\n{callee_text[-4000:]}"
