@@ -231,8 +231,14 @@ def test_every_pair_connects_with_all_methods(
         race = mine["race"]
         assert race["relayed"] is True, race
         assert race["why_relayed"], race
+        # Both NATs map per destination, one at random ports: the report
+        # says so, and the relay started at once, without its stagger.
+        assert "no direct UDP path can be predicted" in race["why_relayed"], race
+        assert "random ports" in race["nats"], race
         outcomes = {attempt["method"]: attempt["outcome"] for attempt in race["attempts"]}
         assert outcomes["relay"] == "won", race
+        relay = next(a for a in race["attempts"] if a["method"] == "relay")
+        assert relay["started_ms"] < 100, race
         assert outcomes["udp"] in {"cancelled", "failed"}, race
     assert mine["race"]["method"] == mine["method"]
     assert "race" not in theirs  # the listening side raced nothing

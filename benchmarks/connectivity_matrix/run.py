@@ -1,0 +1,297 @@
+"""The whole NAT matrix with every method: who connects, how, and how fast.
+
+For each of the 25 pairs of the lab's five NAT kinds (callee's/caller's),
+builds a lab (network namespaces, real kernel NATs) with our ``twistd
+natrendezvous`` on a public host, a callee (``natcat --listen alice --echo``)
+behind one NAT and a caller behind the other, every WAN link delayed by a
+known one-way delay, and runs ``natcat alice --json-report`` on the caller
+with every method (``direct,reversal,tcp,udp,relay``) *runs* times.  For
+each pair it prints the winning method, the median time from ``connect()``
+to ``connectionMade`` against the lower bound the delays allow (the same
+bound as ``benchmarks/time_to_connect``: the introduction at both peers
+plus one peer round trip), and, when the relay won, why (the connection
+report's ``why_relayed``); then how many pairs connected and how many
+directly.  The issue's goal: 25/25 connected, 22/25 direct.
+
+Root only; every lab, with every process started in it, is removed on
+exit, on Ctrl-C and on SIGTERM.  Traffic stays inside the lab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.lab.natcheck_support import repo_environment, stop  # noqa: E402
+from tests.lab.punch_support import (  # noqa: E402 (needs the repository on sys.path)
+    CALLEE_NAME,
+    RENDEZVOUS,
+    RENDEZVOUS_ADDRESS,
+    listener,
+    natcat_argv,
+    rendezvous,
+    reports,
+)
+from tests.natlab import Lab, LabError, LabUnavailable, Preset  # noqa: E402
+
+
+def _time_to_connect() -> ModuleType:
+    """The time_to_connect benchmark's module: its lower bound and lab sides."""
+    path = REPO_ROOT / "benchmarks" / "time_to_connect" / "run.py"
+    spec = importlib.util.spec_from_file_location("time_to_connect_run", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+TTC = _time_to_connect()
+
+KINDS = (
+    Preset.FULL_CONE,
+    Preset.RESTRICTED_CONE,
+    Preset.PORT_RESTRICTED,
+    Preset.SYMMETRIC,
+    Preset.SYMMETRIC_SEQUENTIAL,
+)
+ALL_METHODS = "direct,reversal,tcp,udp,relay"
+RELAY_METHODS = {"relay"}
+DEFAULT_RUNS = 3
+DEFAULT_DELAY_MS = 10.0
+#: Seconds one caller may run before it is killed (natcat's own timeout is 30 s).
+RUN_TIMEOUT = 45.0
+
+
+@dataclass
+class PairOutcome:
+    """One pair's runs."""
+
+    pair: str
+    bound_ms: float
+    connect_ms: list[float] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    why_relayed: list[str] = field(default_factory=list)
+    races: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        """The method that won most often (``-`` when none did)."""
+        if not self.methods:
+            return "-"
+        return statistics.mode(self.methods)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the pair connected, mostly, without a relay."""
+        return bool(self.methods) and self.method not in RELAY_METHODS
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.connect_ms) if self.connect_ms else None
+
+    @property
+    def ratio(self) -> float | None:
+        median = self.median
+        return None if median is None else median / self.bound_ms
+
+
+def measure(pair: tuple[str, str], *, runs: int, delay_ms: float) -> PairOutcome:
+    """Build one pair's lab, run the caller *runs* times, remove the lab."""
+    with Lab() as lab:
+        try:
+            server = lab.public_host("rendezvous", RENDEZVOUS_ADDRESS, delay_ms=delay_ms)
+            callee = TTC._side(lab, "callee", pair[0], delay_ms, TTC.DEFAULT_INBOUND)
+            caller = TTC._side(lab, "caller", pair[1], delay_ms, TTC.DEFAULT_INBOUND)
+            lab.build()
+        except (LabUnavailable, LabError) as e:
+            raise TTC.BenchmarkError(f"cannot build the lab here: {e}") from e
+        bound = TTC.lower_bound(
+            caller.delay_to_internet_ms, callee.delay_to_internet_ms, server.delay_to_internet_ms
+        )
+        outcome = PairOutcome("/".join(pair), bound.total)
+        methods = ("--methods", ALL_METHODS)
+        with tempfile.TemporaryDirectory(prefix="connectivity-matrix-") as name:
+            directory = Path(name)
+            try:
+                with (
+                    rendezvous(server, directory),
+                    listener(callee, directory, *methods, verbose=False),
+                ):
+                    for _ in range(runs):
+                        _run_caller(caller, methods, outcome)
+            except RuntimeError as e:
+                outcome.failures.append(f"could not start: {str(e)[-800:]}")
+    return outcome
+
+
+def _run_caller(caller: Any, methods: Sequence[str], outcome: PairOutcome) -> None:
+    argv = natcat_argv(
+        CALLEE_NAME, "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", "0", *methods
+    )
+    process = caller.popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=repo_environment(),
+    )
+    try:
+        _, err = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        outcome.failures.append(f"killed after {RUN_TIMEOUT:g} s")
+        return
+    finally:
+        stop(process)
+    text = err.decode(errors="replace")
+    found = reports(text)
+    if process.returncode != 0 or not found or found[0].get("connect_ms") is None:
+        why = [line for line in text.splitlines() if line.startswith("natcat: ")]
+        outcome.failures.append(
+            f"exit status {process.returncode}: {' '.join(why) or text.strip()[-300:]}"
+        )
+        return
+    report = found[0]
+    outcome.connect_ms.append(float(report["connect_ms"]))
+    outcome.methods.append(str(report["method"]))
+    race = report.get("race") or {}
+    outcome.races.append(race)
+    why = race.get("why_relayed")
+    if why:
+        outcome.why_relayed.append(str(why))
+
+
+def format_report(outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int) -> str:
+    """Per pair: winner, median time against the bound; then the shares."""
+    lines = [
+        f"every method ({ALL_METHODS}), {runs} run(s) per pair; one-way delay {delay_ms:g} ms "
+        "on every WAN link; bound = introduction at both peers + 1 peer round trip",
+        "",
+        f"{'pair (callee/caller)':<44}{'winner':<10}{'runs':>5}{'median ms':>11}"
+        f"{'bound ms':>10}{'ratio':>8}",
+    ]
+    for o in outcomes:
+        median, ratio = o.median, o.ratio
+        lines.append(
+            f"{o.pair:<44}{o.method:<10}{len(o.connect_ms):>5}"
+            f"{'-' if median is None else f'{median:.1f}':>11}{o.bound_ms:>10.0f}"
+            f"{'-' if ratio is None else f'{ratio:.2f}x':>8}"
+        )
+    connected = sum(1 for o in outcomes if o.methods)
+    direct = sum(1 for o in outcomes if o.direct)
+    lines += [
+        "",
+        f"connected: {connected}/{len(outcomes)}   direct: {direct}/{len(outcomes)} "
+        "(goal: 25/25 connected, 22/25 direct)",
+    ]
+    for o in outcomes:
+        if o.why_relayed:
+            lines.append(f"{o.pair} relayed because {o.why_relayed[0]}")
+    for o in outcomes:
+        lines += [f"{o.pair}: {failure}" for failure in o.failures]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run the lab's 5x5 NAT matrix with every method (root only)."
+    )
+    parser.add_argument(
+        "--pairs",
+        default=None,
+        help="comma list of CALLEE/CALLER presets (default: all 25 pairs)",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=DEFAULT_RUNS, help="callers per pair (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=DEFAULT_DELAY_MS,
+        help="one-way delay of every WAN link (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if not 1 <= args.runs <= 20:
+        parser.error("--runs must be from 1 to 20")
+    if not 0 <= args.delay_ms <= 1000:
+        parser.error("--delay-ms must be from 0 to 1000")
+    if args.pairs is None:
+        args.pair_list = [(a.value, b.value) for a in KINDS for b in KINDS]
+    else:
+        try:
+            args.pair_list = [TTC.parse_pair(p.strip()) for p in args.pairs.split(",") if p.strip()]
+        except ValueError as e:
+            parser.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        print(
+            "error: needs root on Linux: the lab builds network namespaces and nftables NATs",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        outcomes = [measure(p, runs=args.runs, delay_ms=args.delay_ms) for p in args.pair_list]
+    except TTC.BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the labs and every process in them were removed", file=sys.stderr)
+        return 130
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "methods": ALL_METHODS,
+                    "delay_ms": args.delay_ms,
+                    "seconds": time.monotonic() - started,
+                    "pairs": [
+                        {
+                            "pair": o.pair,
+                            "winner": o.method,
+                            "direct": o.direct,
+                            "connect_ms": o.connect_ms,
+                            "methods": o.methods,
+                            "bound_ms": o.bound_ms,
+                            "ratio": o.ratio,
+                            "why_relayed": o.why_relayed,
+                            "races": o.races,
+                            "failures": o.failures,
+                        }
+                        for o in outcomes
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_report(outcomes, delay_ms=args.delay_ms, runs=args.runs))
+    return 1 if any(o.failures for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
