@@ -35,7 +35,7 @@ from tests.lab.punch_support import (
     host_of,
     refused_through,
 )
-from tests.lab.test_udp_lab import NOT_SERVED, SERVED
+from tests.lab.test_udp_lab import PLAIN_NOT_SERVED, PLAIN_SERVED
 from tests.natlab import Host, Inbound, Lab, Nat, Preset
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -101,8 +101,8 @@ def _two_nats(
     return lab.host("callee", behind=nata), lab.host("caller", behind=natb)
 
 
-SERVED_CASES = _cases(SERVED)
-NOT_SERVED_CASES = _cases(NOT_SERVED)
+SERVED_CASES = _cases(PLAIN_SERVED)
+NOT_SERVED_CASES = _cases(PLAIN_NOT_SERVED)
 
 
 @pytest.mark.parametrize(("callee_nat", "caller_nat", "inbound"), _params(SERVED_CASES))
