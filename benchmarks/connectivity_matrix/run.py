@@ -175,9 +175,9 @@ def _run_caller(caller: Any, methods: Sequence[str], outcome: PairOutcome) -> No
     outcome.methods.append(str(report["method"]))
     race = report.get("race") or {}
     outcome.races.append(race)
-    why = race.get("why_relayed")
-    if why:
-        outcome.why_relayed.append(str(why))
+    relayed_because = race.get("why_relayed")
+    if relayed_because:
+        outcome.why_relayed.append(str(relayed_because))
 
 
 def format_report(outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int) -> str:

@@ -434,16 +434,18 @@ def _received(log: Path) -> list[dict[str, Any]]:
     return [d for d in lines if d["from"] != "127.0.0.1"]
 
 
-def _wrong_host_lab(lab: Lab, callee_nat: Preset) -> tuple[Host, Host, Host]:
+def _wrong_host_lab(
+    lab: Lab, callee_nat: Preset, caller_nat: Preset = Preset.PORT_RESTRICTED
+) -> tuple[Host, Host, Host]:
     """
     A callee behind *callee_nat* at 10.77.0.20, and a caller behind a
-    port-restricted NAT whose LAN (the same prefix) has an unrelated host,
+    *caller_nat* (port-restricted by default) whose LAN (the same prefix) has an unrelated host,
     the impostor, at 10.77.0.20: the callee's private address, seen from
     the caller.  Returns the callee, the caller and the impostor.
     """
     lab.public_host("rendezvous", RENDEZVOUS_ADDRESS)
     callee_side = lab.nat("nata", callee_nat, lan="10.77.0.0/24")
-    caller_side = lab.nat("natb", Preset.PORT_RESTRICTED, lan="10.77.0.0/24")
+    caller_side = lab.nat("natb", caller_nat, lan="10.77.0.0/24")
     callee = lab.host("callee", behind=callee_side, address="10.77.0.20")
     impostor = lab.host("impostor", behind=caller_side, address="10.77.0.20")
     caller = lab.host("caller", behind=caller_side, address="10.77.0.30")
@@ -455,12 +457,14 @@ def test_a_wrong_host_at_the_private_address_gets_no_application_byte(
     lab: Lab, tmp_path: Path, mode: str
 ) -> None:
     """
-    The callee is behind a symmetric NAT, so the private pair, which reaches
-    an unrelated host answering UDP, is the only one that answers at all:
-    its answers fail authentication, the caller fails cleanly, and the
-    impostor saw nothing but connectivity checks.
+    The callee is behind a random symmetric NAT and the caller behind a
+    sequential one (no punching, prediction or birthday probing serves that
+    pair), so the private pair, which reaches an unrelated host answering
+    UDP, is the only one that answers at all: its answers fail
+    authentication, the caller fails cleanly, and the impostor saw nothing
+    but connectivity checks.
     """
-    callee, caller, impostor = _wrong_host_lab(lab, Preset.SYMMETRIC)
+    callee, caller, impostor = _wrong_host_lab(lab, Preset.SYMMETRIC, Preset.SYMMETRIC_SEQUENTIAL)
     with _impostor(impostor, mode, tmp_path) as log:
         refused = refused_through(
             lab, caller, callee, tmp_path, caller_args=UDP_ONLY, callee_args=UDP_ONLY
