@@ -18,7 +18,7 @@ getting the introduction took.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["ConnectionReport", "MethodAttempt", "Outcome", "Upgrade"]
@@ -192,16 +192,7 @@ class ConnectionReport:
 
     def with_upgrade(self, upgrade: Upgrade) -> ConnectionReport:
         """This report, with *upgrade* added."""
-        return ConnectionReport(
-            self.peer,
-            self.peer_id,
-            self.method,
-            self.introduced,
-            self.connected,
-            self.attempts,
-            (*self.upgrades, upgrade),
-            self.nats,
-        )
+        return replace(self, upgrades=(*self.upgrades, upgrade))
 
     def to_json(self) -> dict[str, Any]:
         """This report as JSON-ready values (times in milliseconds)."""

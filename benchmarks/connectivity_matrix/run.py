@@ -24,12 +24,10 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,17 +37,7 @@ REPO_ROOT = HERE.parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.lab.natcheck_support import repo_environment, stop  # noqa: E402
-from tests.lab.punch_support import (  # noqa: E402 (needs the repository on sys.path)
-    CALLEE_NAME,
-    RENDEZVOUS,
-    RENDEZVOUS_ADDRESS,
-    listener,
-    natcat_argv,
-    rendezvous,
-    reports,
-)
-from tests.natlab import Lab, LabError, LabUnavailable, Preset  # noqa: E402
+from tests.natlab import Preset  # noqa: E402 (needs the repository on sys.path)
 
 
 def _time_to_connect() -> ModuleType:
@@ -77,28 +65,47 @@ ALL_METHODS = "direct,reversal,tcp,udp,relay"
 RELAY_METHODS = {"relay"}
 DEFAULT_RUNS = 3
 DEFAULT_DELAY_MS = 10.0
-#: Seconds one caller may run before it is killed (natcat's own timeout is 30 s).
-RUN_TIMEOUT = 45.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairOutcome:
-    """One pair's runs."""
+    """One pair's runs: time_to_connect's result, read for the winner and the relay."""
 
-    pair: str
-    bound_ms: float
-    connect_ms: list[float] = field(default_factory=list)
-    methods: list[str] = field(default_factory=list)
-    why_relayed: list[str] = field(default_factory=list)
-    races: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    result: Any  # time_to_connect's PairResult
+
+    @property
+    def pair(self) -> str:
+        return str(self.result.pair)
+
+    @property
+    def connect_ms(self) -> list[float]:
+        return list(self.result.connect_ms)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.result.methods)
+
+    @property
+    def failures(self) -> list[str]:
+        return list(self.result.failures)
+
+    @property
+    def bound_ms(self) -> float:
+        return float(self.result.bound.total)
+
+    @property
+    def races(self) -> list[dict[str, Any]]:
+        """Each run's connection report (natcat's ``"race"``)."""
+        return [report.get("race") or {} for report in self.result.reports]
+
+    @property
+    def why_relayed(self) -> list[str]:
+        return [str(race["why_relayed"]) for race in self.races if race.get("why_relayed")]
 
     @property
     def method(self) -> str:
         """The method that won most often (``-`` when none did)."""
-        if not self.methods:
-            return "-"
-        return statistics.mode(self.methods)
+        return statistics.mode(self.methods) if self.methods else "-"
 
     @property
     def direct(self) -> bool:
@@ -106,78 +113,28 @@ class PairOutcome:
         return bool(self.methods) and self.method not in RELAY_METHODS
 
     @property
-    def median(self) -> float | None:
-        return statistics.median(self.connect_ms) if self.connect_ms else None
+    def ratio(self) -> float | None:
+        ratio = self.result.ratio
+        return None if ratio is None else float(ratio)
 
     @property
-    def ratio(self) -> float | None:
-        median = self.median
-        return None if median is None else median / self.bound_ms
+    def median(self) -> float | None:
+        median = self.result.median
+        return None if median is None else float(median)
 
 
 def measure(pair: tuple[str, str], *, runs: int, delay_ms: float) -> PairOutcome:
-    """Build one pair's lab, run the caller *runs* times, remove the lab."""
-    with Lab() as lab:
-        try:
-            server = lab.public_host("rendezvous", RENDEZVOUS_ADDRESS, delay_ms=delay_ms)
-            callee = TTC._side(lab, "callee", pair[0], delay_ms, TTC.DEFAULT_INBOUND)
-            caller = TTC._side(lab, "caller", pair[1], delay_ms, TTC.DEFAULT_INBOUND)
-            lab.build()
-        except (LabUnavailable, LabError) as e:
-            raise TTC.BenchmarkError(f"cannot build the lab here: {e}") from e
-        bound = TTC.lower_bound(
-            caller.delay_to_internet_ms, callee.delay_to_internet_ms, server.delay_to_internet_ms
+    """One pair's lab, *runs* callers with every method (time_to_connect's measure_pair)."""
+    return PairOutcome(
+        TTC.measure_pair(
+            pair,
+            methods=ALL_METHODS,
+            runs=runs,
+            warmup=0,
+            delay_ms=delay_ms,
+            rendezvous_delay_ms=delay_ms,
         )
-        outcome = PairOutcome("/".join(pair), bound.total)
-        methods = ("--methods", ALL_METHODS)
-        with tempfile.TemporaryDirectory(prefix="connectivity-matrix-") as name:
-            directory = Path(name)
-            try:
-                with (
-                    rendezvous(server, directory),
-                    listener(callee, directory, *methods, verbose=False),
-                ):
-                    for _ in range(runs):
-                        _run_caller(caller, methods, outcome)
-            except RuntimeError as e:
-                outcome.failures.append(f"could not start: {str(e)[-800:]}")
-    return outcome
-
-
-def _run_caller(caller: Any, methods: Sequence[str], outcome: PairOutcome) -> None:
-    argv = natcat_argv(
-        CALLEE_NAME, "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", "0", *methods
     )
-    process = caller.popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=repo_environment(),
-    )
-    try:
-        _, err = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        outcome.failures.append(f"killed after {RUN_TIMEOUT:g} s")
-        return
-    finally:
-        stop(process)
-    text = err.decode(errors="replace")
-    found = reports(text)
-    if process.returncode != 0 or not found or found[0].get("connect_ms") is None:
-        why = [line for line in text.splitlines() if line.startswith("natcat: ")]
-        outcome.failures.append(
-            f"exit status {process.returncode}: {' '.join(why) or text.strip()[-300:]}"
-        )
-        return
-    report = found[0]
-    outcome.connect_ms.append(float(report["connect_ms"]))
-    outcome.methods.append(str(report["method"]))
-    race = report.get("race") or {}
-    outcome.races.append(race)
-    relayed_because = race.get("why_relayed")
-    if relayed_because:
-        outcome.why_relayed.append(str(relayed_because))
 
 
 def format_report(outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int) -> str:

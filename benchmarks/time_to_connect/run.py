@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -117,6 +118,8 @@ class PairResult:
     connect_ms: list[float] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: natcat's JSON report of each counted run.
+    reports: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def median(self) -> float | None:
@@ -200,6 +203,26 @@ def _run_caller(
     One ``natcat alice`` that connects and quits at once; its connect_ms
     goes to *result* when *counted*.  Returns whether it connected.
     """
+    report, failure = run_caller(caller, method_args)
+    if report is None:
+        result.failures.append(failure or "no report")
+        return False
+    if counted:
+        result.connect_ms.append(float(report["connect_ms"]))
+        result.methods.append(str(report["method"]))
+        result.reports.append(report)
+    return True
+
+
+def run_caller(
+    caller: Node, method_args: Sequence[str]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """
+    Run one ``natcat alice --json-report --quit-after 0`` on *caller*.
+
+    :returns: Its JSON report and ``None`` when it connected; ``None`` and
+        why not otherwise.
+    """
     argv = natcat_argv(
         CALLEE_NAME, "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", "0",
         *method_args,
@@ -214,22 +237,15 @@ def _run_caller(
     try:
         _, err = process.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
-        result.failures.append(f"killed after {RUN_TIMEOUT:g} s")
-        return False
+        return None, f"killed after {RUN_TIMEOUT:g} s"
     finally:
         stop(process)
     text = err.decode(errors="replace")
     found = reports(text)
     if process.returncode != 0 or not found or found[0].get("connect_ms") is None:
         why = [line for line in text.splitlines() if line.startswith("natcat: ")]
-        result.failures.append(
-            f"exit status {process.returncode}: {' '.join(why) or text.strip()[-300:]}"
-        )
-        return False
-    if counted:
-        result.connect_ms.append(float(found[0]["connect_ms"]))
-        result.methods.append(str(found[0]["method"]))
-    return True
+        return None, f"exit status {process.returncode}: {' '.join(why) or text.strip()[-300:]}"
+    return found[0], None
 
 
 def run_benchmark(

@@ -82,29 +82,22 @@ def _remote(
 
 
 def _explain(failure: Failure, ours: NatMapping, theirs: NatMapping) -> Failure:
-    """A checks failure that says which NATs the two sides are behind."""
+    """A checks failure that says which NATs the two sides are behind, and what that means."""
     from nattraverse.errors import PunchChecksFailed
-    from nattraverse.punch.mapping import MappingKind
+    from nattraverse.punch.mapping import MappingKind, beyond_prediction, describe_pair
 
     error = failure.value
     if not isinstance(error, PunchChecksFailed):
         return failure
-    note = f"this side is behind {ours.describe()}, the peer behind {theirs.describe()}"
     kinds = {ours.kind, theirs.kind}
-    if ours.per_destination and theirs.per_destination and MappingKind.RANDOM in kinds:
-        note += (
-            ": both map per destination and one at random ports, which no prediction "
-            "can reach (the relay carries such pairs)"
-        )
-    elif MappingKind.RANDOM in kinds and MappingKind.INDEPENDENT in kinds:
-        note += (
-            ": random ports per destination cannot be predicted, and birthday-paradox "
-            "probing found none of them within its budget"
-        )
-    elif MappingKind.RANDOM in kinds and (ours.per_destination or theirs.per_destination):
-        note += ": random ports per destination cannot be predicted"
-    elif MappingKind.SEQUENTIAL in kinds:
-        note += ": the predicted ports did not answer"
+    meaning = beyond_prediction(ours, theirs)
+    if meaning is None and {MappingKind.RANDOM, MappingKind.INDEPENDENT} <= kinds:
+        meaning = "birthday-paradox probing reached none of the random ports within its budget"
+    elif meaning is None and MappingKind.SEQUENTIAL in kinds:
+        meaning = "the predicted ports did not answer"
+    note = describe_pair(ours, theirs)
+    if meaning is not None:
+        note += f": {meaning}"
     return Failure(PunchChecksFailed(error.reason, f"{note}; {error.seen}", error.stats))
 
 

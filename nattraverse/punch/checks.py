@@ -111,6 +111,8 @@ __all__ = [
     "authentic_answer",
     "authentic_request",
     "encode_check",
+    "request_fault",
+    "response_authentic",
 ]
 
 
@@ -174,37 +176,57 @@ def encode_check(
     )
 
 
+def request_fault(
+    message: Message, credentials: IceCredentials, *, controlling: bool
+) -> str | None:
+    """
+    What keeps a Binding request *message* from being a check from the peer:
+    ``"integrity"`` (USERNAME, MESSAGE-INTEGRITY with our key, or FINGERPRINT
+    wrong or missing), ``"role"`` (no role attribute of the peer's), or
+    ``None`` when it is one.
+    """
+    username = message.get(Username)
+    expected = f"{credentials.local_ufrag}:{credentials.remote_ufrag}"
+    if username is None or username.value != expected or message.get(Fingerprint) is None:
+        return "integrity"
+    try:
+        message.check_integrity(credentials.local_key)
+    except StunIntegrityError:
+        return "integrity"
+    if message.get(IceControlled if controlling else IceControlling) is None:
+        return "role"
+    return None
+
+
+def response_authentic(message: Message, credentials: IceCredentials) -> bool:
+    """Whether a response *message* carries the peer's MESSAGE-INTEGRITY and a FINGERPRINT."""
+    try:
+        message.check_integrity(credentials.remote_key)
+    except StunIntegrityError:
+        return False
+    return message.get(Fingerprint) is not None
+
+
 def authentic_request(data: bytes, credentials: IceCredentials, *, controlling: bool) -> bool:
-    """
-    Whether *data* is a check from the peer: a Binding request with our
-    USERNAME, our key's MESSAGE-INTEGRITY, a FINGERPRINT and the peer's role.
-    """
+    """Whether *data* is a check from the peer (:func:`request_fault`)."""
     try:
         message = decode(data)
-        if message.method != Method.BINDING or message.message_class is not MessageClass.REQUEST:
-            return False
-        username = message.get(Username)
-        expected = f"{credentials.local_ufrag}:{credentials.remote_ufrag}"
-        if username is None or username.value != expected or message.get(Fingerprint) is None:
-            return False
-        message.check_integrity(credentials.local_key)
-    except (StunDecodeError, StunIntegrityError):
+    except StunDecodeError:
         return False
-    return message.get(IceControlled if controlling else IceControlling) is not None
+    if message.method != Method.BINDING or message.message_class is not MessageClass.REQUEST:
+        return False
+    return request_fault(message, credentials, controlling=controlling) is None
 
 
 def authentic_answer(data: bytes, credentials: IceCredentials, transaction_id: bytes) -> bool:
     """Whether *data* is the peer's success response to our check *transaction_id*."""
     try:
         message = decode(data)
-        if message.message_class is not MessageClass.SUCCESS:
-            return False
-        if message.transaction_id != transaction_id or message.get(Fingerprint) is None:
-            return False
-        message.check_integrity(credentials.remote_key)
-    except (StunDecodeError, StunIntegrityError):
+    except StunDecodeError:
         return False
-    return True
+    if message.message_class is not MessageClass.SUCCESS:
+        return False
+    return message.transaction_id == transaction_id and response_authentic(message, credentials)
 
 
 class ProbeSchedule(Protocol):
@@ -641,18 +663,11 @@ class CheckMachine:
 
     def _request(self, message: Message, source: Endpoint, now: float) -> None:
         credentials = self.credentials
-        username = message.get(Username)
-        expected = f"{credentials.local_ufrag}:{credentials.remote_ufrag}"
-        if username is None or username.value != expected or message.get(Fingerprint) is None:
+        fault = request_fault(message, credentials, controlling=self.controlling)
+        if fault == "integrity":
             self.stats.integrity_failures += 1
             return
-        try:
-            message.check_integrity(credentials.local_key)
-        except StunIntegrityError:
-            self.stats.integrity_failures += 1
-            return
-        peer_role = message.get(IceControlled if self.controlling else IceControlling)
-        if peer_role is None:
+        if fault == "role":
             self.stats.unexpected += 1
             return
         self.stats.requests_received += 1
@@ -727,12 +742,7 @@ class CheckMachine:
 
     def _probe_answered(self, message: Message, source: Endpoint, now: float) -> None:
         address, sent_at = self._probes[message.transaction_id]
-        try:
-            message.check_integrity(self.credentials.remote_key)
-        except StunIntegrityError:
-            self.stats.integrity_failures += 1
-            return
-        if message.get(Fingerprint) is None:
+        if not response_authentic(message, self.credentials):
             self.stats.integrity_failures += 1
             return
         if source != address or message.message_class is not MessageClass.SUCCESS:
@@ -768,12 +778,7 @@ class CheckMachine:
             self.stats.unexpected += 1
             return
         pair = transaction.pair
-        try:
-            message.check_integrity(self.credentials.remote_key)
-        except StunIntegrityError:
-            self.stats.integrity_failures += 1
-            return
-        if message.get(Fingerprint) is None:
+        if not response_authentic(message, self.credentials):
             self.stats.integrity_failures += 1
             return
         if source != pair.pair.remote.address:

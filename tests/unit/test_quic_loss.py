@@ -13,15 +13,14 @@ from typing import Any
 
 import pytest
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from nattraverse.errors import QuicPathClosed
 from nattraverse.identity import Identity
 from nattraverse.quic import CLOSE_LINGER, QuicPath, QuicStreamTransport
+from tests.unit.test_quic_path import HalfCloser, Recorder
 
 CALLER = ("10.0.0.1", 40001)
 CALLEE = ("10.0.0.2", 40002)
@@ -77,20 +76,6 @@ class Pipe:
         return send
 
 
-class Recorder(Protocol):
-    """Keeps what arrives and how the connection ended."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self.lost = reason
-
-
 class Echo(Recorder):
     """Sends back what arrives, as ``natcat --listen --echo`` does."""
 
@@ -98,19 +83,6 @@ class Echo(Recorder):
         super().dataReceived(data)
         assert self.transport is not None
         self.transport.write(data)
-
-
-@implementer(IHalfCloseableProtocol)
-class HalfCloser(Recorder):
-    """A half-closeable protocol."""
-
-    read_closed = False
-
-    def readConnectionLost(self) -> None:
-        self.read_closed = True
-
-    def writeConnectionLost(self) -> None:
-        pass
 
 
 def run(clock: Clock, done: Callable[[], bool], limit: float) -> None:

@@ -370,3 +370,41 @@ def test_two_sequential_nats_fail_beyond_the_tolerance() -> None:
     )
     assert isinstance(mine, Failure), mine
     mine.trap(PunchChecksFailed)
+
+
+# -- what a failure says ---------------------------------------------------------------
+
+RANDOM = NatMapping(MappingKind.RANDOM, at(51234))
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "meaning"),
+    [
+        (RANDOM, SEQ, "no direct UDP path can be predicted"),
+        (EIM, RANDOM, "birthday-paradox probing reached none of the random ports"),
+        (SEQ, SEQ, "the predicted ports did not answer"),
+    ],
+    ids=["beyond-prediction", "birthday", "prediction"],
+)
+def test_a_udp_failure_names_both_nats(ours: NatMapping, theirs: NatMapping, meaning: str) -> None:
+    """The udp method's failure says which NATs the sides are behind and what that means."""
+    from nattraverse.methods.udp import _explain
+    from nattraverse.punch.checks import CheckStats
+
+    failed = Failure(PunchChecksFailed("budget", "2 pairs: ...", CheckStats()))
+    error = _explain(failed, ours, theirs).value
+    assert isinstance(error, PunchChecksFailed)
+    assert str(error).startswith("UDP hole punching failed: check budget spent; this side is")
+    assert f"this side is behind {ours.describe()}; the peer behind {theirs.describe()}" in str(
+        error
+    )
+    assert meaning in str(error)
+    assert str(error).endswith("; 2 pairs: ...")
+
+
+def test_other_failures_pass_through_unexplained() -> None:
+    """Only a checks failure gets the NATs added."""
+    from nattraverse.methods.udp import _explain
+
+    failed = Failure(ValueError("boom"))
+    assert _explain(failed, SEQ, SEQ) is failed
