@@ -25,6 +25,7 @@ from nattraverse._keyfile import MAX_KEY_FILE, read_key_file
 from nattraverse.rendezvous.relay import RelayHub, RelayLimits
 from nattraverse.rendezvous.server import RendezvousLimits, RendezvousService
 from nattraverse.rendezvous.udpbind import UdpBindings
+from nattraverse.rendezvous.udprelay import UdpRelayHub, udp_sockets
 from nattraverse.stun.server import StunServer
 
 #: Where ``--listen`` listens when it is not given.
@@ -188,19 +189,26 @@ _PARAMETERS: list[list[Any]] = [
         "Rendezvous connections at once (relay connections included).",
         _count,
     ],
-    ["relay-max", None, _DEFAULT_RELAY.max_relays, "Relays at once.", _count],
+    [
+        "relay-max",
+        None,
+        _DEFAULT_RELAY.max_relays,
+        "Relays at once; the UDP relay has as many again, each on its own UDP port.",
+        _count,
+    ],
     [
         "relay-rate",
         None,
         _DEFAULT_RELAY.rate,
-        "Bytes per second in each direction of each relay (K, M, G: KiB, MiB, GiB); 0: no cap.",
+        "Bytes per second in each direction of each relay, TCP or UDP (K, M, G: KiB, MiB, "
+        "GiB); 0: no cap.",
         _rate,
     ],
     [
         "relay-lifetime",
         None,
         _DEFAULT_RELAY.lifetime,
-        "Seconds a relay may run.",
+        "Seconds a relay may run (a UDP relay: from its allocation).",
         _positive,
     ],
     [
@@ -222,13 +230,27 @@ class Options(usage.Options):
     longdesc = (
         "Run the public side of nattraverse: a STUN server on UDP and TCP "
         "(default port 3478), and the rendezvous and relay on every --listen "
-        f"endpoint (default {DEFAULT_LISTEN}). Give --alt-address, a second IP "
+        f"endpoint (default {DEFAULT_LISTEN}), with a UDP relay on fresh ports of "
+        "--stun-interface. Give --alt-address, a second IP "
         "address of this host, to enable RFC 5780 NAT behaviour discovery and the "
         "RFC 3489 tests classic clients run. The access key, if any, comes from "
         f"--access-key-file or the environment variable {ACCESS_KEY_VARIABLE}."
     )
 
-    optFlags = [["no-relay", None, "Turn the relay off (Relay requests are refused)."]]
+    optFlags = [
+        [
+            "no-relay",
+            None,
+            "Turn the relay off (Relay and UdpRelay requests are refused).",
+        ],
+        [
+            "no-udp-relay",
+            None,
+            "Turn the UDP relay off (UdpRelay requests are refused); it is on with the relay, "
+            "one UDP port of --stun-interface per relayed session, and shares the --relay-max, "
+            "--relay-rate and --relay-lifetime values.",
+        ],
+    ]
 
     optParameters = _naming(_PARAMETERS)
 
@@ -336,21 +358,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     stun.setName("stun")  # type: ignore[no-untyped-call]
     stun.setServiceParent(top)  # type: ignore[no-untyped-call]
-    hub = None
+    hub = udp_hub = None
     if not options["no-relay"]:
-        hub = RelayHub(
-            reactor,
-            RelayLimits(
-                max_relays=options["relay-max"],
-                rate=options["relay-rate"],
-                lifetime=options["relay-lifetime"],
-            ),
+        relay_limits = RelayLimits(
+            max_relays=options["relay-max"],
+            rate=options["relay-rate"],
+            lifetime=options["relay-lifetime"],
         )
+        hub = RelayHub(reactor, relay_limits)
+        if not options["no-udp-relay"]:
+            # Its ports are on the STUN service's primary address: peers
+            # send to the host they reach the STUN service at.
+            udp_hub = UdpRelayHub(
+                reactor, relay_limits, udp_sockets(reactor, options["stun-interface"])
+            )
     rendezvous = RendezvousService(
         reactor,
         options["listen"],
         limits,
         relay_hub=hub,
+        udp_relay_hub=udp_hub,
         access_key=options["access-key"],
         stun_port=options["stun-port"],
         stun_second_port=options["alt-port"],

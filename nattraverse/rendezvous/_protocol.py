@@ -41,9 +41,11 @@ from nattraverse.rendezvous.commands import (
     SECRET_SIZE,
     SESSION_ID_SIZE,
     TOKEN_SIZE,
+    UDP_TOKEN_SIZE,
     DialBack,
     Introduce,
     RelayOffer,
+    UdpRelayOffer,
     check_bytes,
     check_candidates,
     check_host,
@@ -96,6 +98,8 @@ class ServerHello:
         empty when not known.  Not shown by ``repr``.
     :ivar stun_second_port: The STUN service's second port on the same
         address, 0 when none.
+    :ivar udp_relay: Whether the rendezvous relays UDP (``UdpRelay``);
+        ``False`` for a server from before the UDP relay.
     """
 
     observed: tuple[str, int]
@@ -103,6 +107,7 @@ class ServerHello:
     relay: bool
     udp_token: bytes = field(default=b"", repr=False)
     stun_second_port: int = 0
+    udp_relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,16 @@ class IRendezvousHandler(Interface):
         The caller of *session* asked for a relay: join it with *token*
         (see :func:`~nattraverse.rendezvous.client.join_relay`) within
         *lifetime* seconds.
+        """
+
+    def udp_relay_offer(session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        """
+        The other peer of *session* asked for a UDP relay: latch this
+        peer's punching UDP socket onto *port* of the rendezvous' STUN host
+        with *token* (a STUN Binding request authenticated with
+        :func:`~nattraverse.rendezvous.commands.udp_credentials` of it) soon:
+        the relay closes when both sides have not latched within its join
+        timeout, and lives *lifetime* seconds at most.
         """
 
 
@@ -683,5 +698,22 @@ class RendezvousProtocol(amp.AMP):
         self._dispatch(
             "RelayOffer",
             lambda: handler.relay_offer(checked_session, checked_token, checked_lifetime),
+        )
+        return {}
+
+    @UdpRelayOffer.responder
+    def _udp_relay_offer(
+        self, session: bytes, port: int, token: bytes, lifetime: float
+    ) -> dict[str, Any]:
+        handler = self._require_handler("UdpRelayOffer")
+        checked_session = check_bytes(session, SESSION_ID_SIZE, "UdpRelayOffer.session")
+        checked_port = check_port(port, "UdpRelayOffer.port", allow_zero=False)
+        checked_token = check_bytes(token, UDP_TOKEN_SIZE, "UdpRelayOffer.token")
+        checked_lifetime = check_duration(lifetime, "UdpRelayOffer.lifetime")
+        self._dispatch(
+            "UdpRelayOffer",
+            lambda: handler.udp_relay_offer(
+                checked_session, checked_port, checked_token, checked_lifetime
+            ),
         )
         return {}

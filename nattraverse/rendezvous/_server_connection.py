@@ -45,12 +45,14 @@ from nattraverse.rendezvous.commands import (
     Relay,
     RelayJoin,
     Reverse,
+    UdpRelay,
 )
 from nattraverse.rendezvous.registry import Registry
 
 if TYPE_CHECKING:
     from nattraverse.rendezvous.relay import RelayHub
     from nattraverse.rendezvous.udpbind import UdpBindings
+    from nattraverse.rendezvous.udprelay import UdpRelayHub
 
 __all__ = [
     "MAX_UNANSWERED",
@@ -73,7 +75,7 @@ MAX_UNANSWERED = 64
 
 # Every error class the schema carries, with its AMP code.
 _CODES: dict[type[Exception], bytes] = {}
-for _command in (Hello, Authenticate, Register, Refresh, Lookup, Connect, Reverse, Relay):
+for _command in (Hello, Authenticate, Register, Refresh, Lookup, Connect, Reverse, Relay, UdpRelay):
     _CODES.update(_command.errors)
 _CODES.update(RelayJoin.errors)
 _INVALID = _CODES[InvalidRequest]
@@ -93,6 +95,7 @@ class RendezvousStats:
     reversals: int = 0
     relays: int = 0
     relay_joins: int = 0
+    udp_relays: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     malformed: int = 0
     internal_errors: int = 0
@@ -125,6 +128,10 @@ class ServerState(Protocol):
     @property
     def relay_hub(self) -> RelayHub | None:
         """The relay, or ``None`` when it is off."""
+
+    @property
+    def udp_relay_hub(self) -> UdpRelayHub | None:
+        """The UDP relay, or ``None`` when it is off."""
 
     @property
     def access_key(self) -> bytes | None:

@@ -3,7 +3,8 @@ The responders of a rendezvous server connection, for
 :mod:`nattraverse.rendezvous.server`: :class:`RendezvousServerProtocol`
 answers each command of :mod:`nattraverse.rendezvous.commands`
 (``Hello``, ``Authenticate``, ``Register``, ``Refresh``, ``Lookup``,
-``Connect``, ``Reverse``, ``Relay``, ``RelayJoin``), checks every value it
+``Connect``, ``Reverse``, ``Relay``, ``RelayJoin``, ``UdpRelay``), checks
+every value it
 is sent and keeps the soft state in the factory's
 :class:`~nattraverse.rendezvous.registry.Registry`.
 
@@ -53,6 +54,8 @@ from nattraverse.rendezvous.commands import (
     RelayJoin,
     RelayOffer,
     Reverse,
+    UdpRelay,
+    UdpRelayOffer,
     check_bytes,
     check_candidates,
     check_host,
@@ -62,7 +65,7 @@ from nattraverse.rendezvous.commands import (
     encode_candidates,
     is_peer_id,
 )
-from nattraverse.rendezvous.registry import PeerRecord, Registration
+from nattraverse.rendezvous.registry import Introduction, PeerRecord, Registration
 
 __all__ = ["MAX_PUBLIC_KEY", "MAX_REVERSALS", "RendezvousServerProtocol"]
 
@@ -127,6 +130,7 @@ class RendezvousServerProtocol(ServerConnection):
             "relay": server.relay_hub is not None,
             "udp_token": self.udp_token,
             "stun_second_port": server.stun_second_port,
+            "udp_relay": server.udp_relay_hub is not None,
         }
 
     def udp_bound(self, source: Endpoint, *, second: bool = False) -> None:
@@ -355,16 +359,7 @@ class RendezvousServerProtocol(ServerConnection):
         hub = server.relay_hub
         if hub is None:
             raise RelayRefused("the relay is off on this rendezvous")
-        introduction = server.registry.introduction(checked, server.now())
-        if introduction is None or self.peer_id not in (introduction.caller, introduction.callee):
-            raise RelayRefused(
-                f"session {checked.hex()} is not an introduction of this peer "
-                "(unknown, expired, or between other peers); send Connect first"
-            )
-        is_caller = self.peer_id == introduction.caller
-        other = introduction.callee_contact if is_caller else introduction.caller_contact
-        if not isinstance(other, RendezvousServerProtocol) or not other.alive:
-            raise RelayRefused("the other peer of this session is no longer connected")
+        introduction, is_caller, other = self._relayed_introduction(checked)
         caller_token, callee_token = hub.allocate(checked, introduction.caller, introduction.callee)
         mine, theirs = (caller_token, callee_token) if is_caller else (callee_token, caller_token)
         lifetime = float(hub.lifetime)
@@ -378,6 +373,56 @@ class RendezvousServerProtocol(ServerConnection):
             callee=str(introduction.callee),
         )
         return {"token": mine, "lifetime": lifetime}
+
+    @responder(UdpRelay)
+    def udp_relay(self, session: bytes) -> dict[str, Any]:
+        """``UdpRelay``: open a UDP relay port between the two peers of a session."""
+        checked = check_bytes(session, SESSION_ID_SIZE, "session")
+        server = self.server
+        hub = server.udp_relay_hub
+        if hub is None:
+            raise RelayRefused("the UDP relay is off on this rendezvous")
+        introduction, is_caller, other = self._relayed_introduction(checked)
+        allocation = hub.allocate(checked, introduction.caller, introduction.callee)
+        mine, theirs = (
+            (allocation.caller_token, allocation.callee_token)
+            if is_caller
+            else (allocation.callee_token, allocation.caller_token)
+        )
+        if not other.send(
+            UdpRelayOffer,
+            session=checked,
+            port=allocation.port,
+            token=theirs,
+            lifetime=allocation.lifetime,
+        ):
+            hub.release(checked, "the other peer could not be told")
+            raise RelayRefused("the other peer of this session is no longer connected")
+        server.stats.udp_relays += 1
+        return {"port": allocation.port, "token": mine, "lifetime": allocation.lifetime}
+
+    def _relayed_introduction(
+        self, session: bytes
+    ) -> tuple[Introduction, bool, RendezvousServerProtocol]:
+        """
+        The live introduction *session* of this peer, whether this peer is
+        its caller, and the other peer's connection.
+
+        :raises RelayRefused: when there is none, or the other peer is no
+            longer connected.
+        """
+        server = self.server
+        introduction = server.registry.introduction(session, server.now())
+        if introduction is None or self.peer_id not in (introduction.caller, introduction.callee):
+            raise RelayRefused(
+                f"session {session.hex()} is not an introduction of this peer "
+                "(unknown, expired, or between other peers); send Connect first"
+            )
+        is_caller = self.peer_id == introduction.caller
+        other = introduction.callee_contact if is_caller else introduction.caller_contact
+        if not isinstance(other, RendezvousServerProtocol) or not other.alive:
+            raise RelayRefused("the other peer of this session is no longer connected")
+        return introduction, is_caller, other
 
     @responder(RelayJoin)
     def relay_join(self, token: bytes) -> Any:

@@ -6,7 +6,8 @@ The rendezvous client: AMP sessions with ``twistd natrendezvous`` (see
 returns a :class:`RendezvousSession`, on which a peer registers, looks
 peers up, asks for introductions, connection reversal and relays.  The
 server's own requests to a registered peer (``Introduce``, ``DialBack``,
-``RelayOffer``) are checked and handed to an :class:`IRendezvousHandler`.
+``RelayOffer``, ``UdpRelayOffer``) are checked and handed to an
+:class:`IRendezvousHandler`.
 :func:`join_relay` opens the fresh connection a relay leg runs on.  The
 self-healing registration of a listening peer is
 :class:`nattraverse.rendezvous.registration.Registration`; the AMP protocol
@@ -76,6 +77,7 @@ from nattraverse.rendezvous.commands import (
     Relay,
     RelayJoin,
     Reverse,
+    UdpRelay,
     access_proof,
     check_bytes,
     check_host,
@@ -96,6 +98,7 @@ __all__ = [
     "check_timeout",
     "describe_endpoint",
     "join_relay",
+    "latch_udp_relay",
     "open_session",
 ]
 
@@ -430,6 +433,52 @@ class RendezvousSession:
 
         return self._call("asking for a relay", Relay, session=checked).addCallback(token)
 
+    @property
+    def server_host(self) -> str | None:
+        """
+        The rendezvous' IP address as this connection reaches it (its STUN
+        service and UDP relay listen there too); ``None`` once it is gone.
+        """
+        return self._protocol.server_host()
+
+    @property
+    def udp_relay_available(self) -> bool:
+        """Whether the rendezvous relays UDP (``Hello``): :meth:`udp_relay` may work."""
+        return self.hello.udp_relay
+
+    def udp_relay(self, session: bytes) -> Deferred[tuple[int, bytes, float]]:
+        """
+        Ask for a UDP relay between the two peers of *session*
+        (``UdpRelay``); the other peer gets its own token in
+        :meth:`IRendezvousHandler.udp_relay_offer`.
+
+        :returns: A Deferred of the relay's UDP port on the rendezvous' STUN
+            host (send to the address this session's connection reaches, at
+            that port), this peer's token (latch with a STUN Binding request
+            from the punching socket, authenticated with
+            :func:`~nattraverse.rendezvous.commands.udp_credentials` of it,
+            FINGERPRINT included) and the relay's lifetime in seconds.  It
+            fails with :class:`~nattraverse.errors.RelayRefused` when the UDP
+            relay is off, the session is not this peer's or already has a
+            UDP relay, or the other peer is gone, and with
+            :class:`~nattraverse.errors.LimitExceeded` when the relay is
+            full.
+        """
+        try:
+            checked = check_bytes(session, SESSION_ID_SIZE, "session")
+        except InvalidRequest as e:
+            return fail(e)
+
+        def allocation(answer: dict[str, Any]) -> tuple[int, bytes, float]:
+            return (
+                check_port(answer["port"], "UdpRelay.port", allow_zero=False),
+                check_bytes(answer["token"], UDP_TOKEN_SIZE, "UdpRelay.token"),
+                check_duration(answer["lifetime"], "UdpRelay.lifetime"),
+            )
+
+        d = self._call("asking for a UDP relay", UdpRelay, session=checked)
+        return d.addCallback(allocation)
+
 
 # -- opening connections ------------------------------------------------------
 
@@ -556,6 +605,7 @@ async def _handshake(
         relay=bool(answer["relay"]),
         udp_token=check_bytes(answer["udp_token"], UDP_TOKEN_SIZE, "Hello.udp_token"),
         stun_second_port=check_port(answer.get("stun_second_port") or 0, "Hello.stun_second_port"),
+        udp_relay=bool(answer.get("udp_relay") or False),
     )
     protocol.hello = hello
     if on_hello is not None:
@@ -685,6 +735,37 @@ class _SwitchFactory:
 
     def clientConnectionLost(self, connector: object, reason: Failure) -> None:
         """The switched connection ended: the protocol itself was told."""
+
+
+def latch_udp_relay(
+    reactor: IReactorTime,
+    session: RendezvousSession,
+    demux: StunDemultiplexer,
+    port: int,
+    token: bytes,
+    seconds: float,
+) -> Deferred[Endpoint]:
+    """
+    Latch the socket of *demux* (the punching port) to the UDP relay at
+    *port* of the rendezvous *session* reaches, with this peer's *token*
+    (from :meth:`RendezvousSession.udp_relay` or ``UdpRelayOffer``): the
+    STUN Binding request the relay authenticates, retransmitted until it
+    answers, at most *seconds*.
+
+    :returns: A cancellable Deferred of the relay's address; it fails with
+        :class:`~nattraverse.errors.RendezvousUnavailable` when the relay
+        does not answer or the session is gone.
+    """
+    host = session.server_host
+    if host is None:
+        return fail(
+            RendezvousUnavailable(
+                f"the rendezvous session with {session.where} is closed; "
+                "cannot latch to its UDP relay"
+            )
+        )
+    relay = Endpoint(host, port)
+    return bind_socket(reactor, demux, relay, token, seconds).addCallback(lambda _: relay)
 
 
 def join_relay(

@@ -5,10 +5,11 @@ checks every value passes before the server or client trusts it.
 A session on one connection runs ``Hello`` (learn the server's challenge and
 the address it observes), ``Authenticate`` (prove possession of the key of a
 peer id), then any of ``Register``, ``Refresh``, ``Lookup``, ``Connect``,
-``Reverse``, ``Relay``.  The server sends ``Introduce``, ``DialBack`` and
-``RelayOffer`` to registered peers.  A fresh connection may instead run
-``Hello``, ``Authenticate`` and ``RelayJoin``, after which it carries raw
-relayed bytes.  ``docs/protocol.rst`` tells the whole exchange.
+``Reverse``, ``Relay``, ``UdpRelay``.  The server sends ``Introduce``,
+``DialBack``, ``RelayOffer`` and ``UdpRelayOffer`` to registered peers.  A
+fresh connection may instead run ``Hello``, ``Authenticate`` and
+``RelayJoin``, after which it carries raw relayed bytes.
+``docs/protocol.rst`` tells the whole exchange.
 
 Each error class travels as its own AMP error code, so the client raises the
 same :mod:`nattraverse.errors` class the server raised, with its message.
@@ -130,7 +131,8 @@ class Hello(amp.Command):
     socket to this connection (:func:`udp_credentials`), good until the
     connection closes, and *stun_second_port*: a second STUN port of the
     same host (0 or absent when none), where a binding with the same token
-    shows whether the peer's NAT maps per destination.
+    shows whether the peer's NAT maps per destination, and *udp_relay*:
+    whether the UDP relay (``UdpRelay``) is on (absent: off).
     """
 
     commandName = b"Hello"
@@ -144,6 +146,9 @@ class Hello(amp.Command):
         (b"relay", amp.Boolean()),
         (b"udp_token", amp.String()),
         (b"stun_second_port", amp.Integer(optional=True)),
+        # Optional: a server from before the UDP relay does not send it
+        # (missing: off).
+        (b"udp_relay", amp.Boolean(optional=True)),
     ]
     errors = _errors()
 
@@ -299,6 +304,23 @@ class RelayJoin(amp.ProtocolSwitchCommand):
     errors = _errors(RelayRefused)
 
 
+class UdpRelay(amp.Command):
+    """
+    Ask for a UDP relay between the two peers of *session*: a fresh UDP
+    *port* on the STUN service's host, live for *lifetime* seconds.  The
+    answer carries this peer's *token* (:data:`UDP_TOKEN_SIZE` bytes); the
+    other peer gets its own in ``UdpRelayOffer``.  Each latches its
+    punching UDP socket onto the port with a STUN Binding request
+    authenticated with :func:`udp_credentials` of its token; the relay then
+    forwards every other datagram between the two latched sources.
+    """
+
+    commandName = b"UdpRelay"
+    arguments = [(b"session", amp.String())]
+    response = [(b"port", amp.Integer()), (b"token", amp.String()), (b"lifetime", amp.Float())]
+    errors = _errors(RelayRefused, RendezvousUnavailable)
+
+
 # -- server to client -------------------------------------------------------
 
 
@@ -342,6 +364,24 @@ class RelayOffer(amp.Command):
 
     commandName = b"RelayOffer"
     arguments = [(b"session", amp.String()), (b"token", amp.String()), (b"lifetime", amp.Float())]
+    response = []
+    errors = _errors()
+
+
+class UdpRelayOffer(amp.Command):
+    """
+    To the other peer of *session*: its peer asked for a UDP relay; latch
+    onto *port* of the STUN service's host with *token* within the relay's
+    join timeout (it lives *lifetime* seconds).
+    """
+
+    commandName = b"UdpRelayOffer"
+    arguments = [
+        (b"session", amp.String()),
+        (b"port", amp.Integer()),
+        (b"token", amp.String()),
+        (b"lifetime", amp.Float()),
+    ]
     response = []
     errors = _errors()
 

@@ -7,9 +7,9 @@ connection reversal and for relays.
   check every value (:mod:`nattraverse.rendezvous.commands`) and keep the
   soft state in a :class:`~nattraverse.rendezvous.registry.Registry`.
 - :class:`RendezvousFactory` holds what connections share: the registry,
-  the limits, the relay hub, the access key, the counters, and the UDP
-  binding tokens (:mod:`nattraverse.rendezvous.udpbind`) it shares with the
-  STUN server of the same host.
+  the limits, the relay hubs (TCP and UDP), the access key, the counters,
+  and the UDP binding tokens (:mod:`nattraverse.rendezvous.udpbind`) it
+  shares with the STUN server of the same host.
 - :class:`RendezvousService` listens on endpoint descriptions
   (``tcp:8478``, ``ssl:8479:privateKey=...``) and sweeps expired state.
 
@@ -55,6 +55,7 @@ from nattraverse.rendezvous.udpbind import UdpBindings
 
 if TYPE_CHECKING:
     from nattraverse.rendezvous.relay import RelayHub
+    from nattraverse.rendezvous.udprelay import UdpRelayHub
 
 __all__ = [
     "MAX_BOX_KEYS",
@@ -122,6 +123,7 @@ class RendezvousFactory(ServerFactory):
     :param reactor: For time and timers.
     :param limits: Caps and timers.
     :param relay_hub: The relay, or ``None`` when it is off.
+    :param udp_relay_hub: The UDP relay, or ``None`` when it is off.
     :param access_key: When given, clients must prove they know it.
     :param stun_port: The STUN port of this host, told in ``Hello`` (0:
         none).
@@ -143,6 +145,7 @@ class RendezvousFactory(ServerFactory):
         limits: RendezvousLimits | None = None,
         *,
         relay_hub: RelayHub | None = None,
+        udp_relay_hub: UdpRelayHub | None = None,
         access_key: bytes | None = None,
         stun_port: int = 0,
         stun_second_port: int = 0,
@@ -152,6 +155,7 @@ class RendezvousFactory(ServerFactory):
         self.reactor = reactor
         self.limits = limits = limits if limits is not None else RendezvousLimits()
         self.relay_hub = relay_hub
+        self.udp_relay_hub = udp_relay_hub
         if access_key is not None and not access_key:
             raise ValueError("the access key is empty")
         self.access_key = access_key
@@ -252,6 +256,8 @@ class RendezvousService(Service):
     :param limits: Caps and timers.
     :param relay_hub: The relay (closed when the service stops), or
         ``None`` to turn it off.
+    :param udp_relay_hub: The UDP relay (closed when the service stops),
+        or ``None`` to turn it off.
     :param access_key: When given, clients must prove they know it.
     :param stun_port: The STUN port of this host, told to clients.
     :param stun_second_port: The STUN service's second port, told to
@@ -273,6 +279,7 @@ class RendezvousService(Service):
         limits: RendezvousLimits | None = None,
         *,
         relay_hub: RelayHub | None = None,
+        udp_relay_hub: UdpRelayHub | None = None,
         access_key: bytes | None = None,
         stun_port: int = 0,
         stun_second_port: int = 0,
@@ -290,6 +297,7 @@ class RendezvousService(Service):
             reactor,
             limits,
             relay_hub=relay_hub,
+            udp_relay_hub=udp_relay_hub,
             access_key=access_key,
             stun_port=stun_port,
             stun_second_port=stun_second_port,
@@ -323,9 +331,10 @@ class RendezvousService(Service):
             lambda failure: _log.failure("the rendezvous sweeper failed", failure)
         )
         _log.info(
-            "rendezvous on {ports} (relay: {relay}, access key: {access})",
+            "rendezvous on {ports} (relay: {relay}, UDP relay: {udp_relay}, access key: {access})",
             ports=", ".join(_address_text(port.getHost()) for port in self.ports) or "(pending)",
             relay="on" if self.factory.relay_hub is not None else "off",
+            udp_relay="on" if self.factory.udp_relay_hub is not None else "off",
             access="on" if self.factory.access_key is not None else "off",
         )
 
@@ -354,6 +363,8 @@ class RendezvousService(Service):
         waits.append(self.factory.close_connections())
         if self.factory.relay_hub is not None:
             self.factory.relay_hub.close()
+        if self.factory.udp_relay_hub is not None:
+            waits.append(self.factory.udp_relay_hub.close())
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
 

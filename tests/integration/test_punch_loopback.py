@@ -244,6 +244,9 @@ class Impostor:
     def relay_offer(self, session: bytes, token: bytes, lifetime: float) -> None:
         pass
 
+    def udp_relay_offer(self, session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        pass
+
 
 @pytest.mark.parametrize("pinned", [False, True])
 @pytest_twisted.ensureDeferred

@@ -84,6 +84,9 @@ class Handler:
     def relay_offer(self, session: bytes, token: bytes, lifetime: float) -> None:
         self.relay_offers.fire((session, token, lifetime))
 
+    def udp_relay_offer(self, session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        pass
+
 
 class Collector(Protocol):
     """A raw protocol collecting bytes until it has *expected* of them."""

@@ -74,6 +74,9 @@ class Handler:
     def relay_offer(self, session: bytes, token: bytes, lifetime: float) -> None:
         pass
 
+    def udp_relay_offer(self, session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        pass
+
 
 class Catcher(DatagramProtocol):
     """A raw UDP socket: fires :attr:`received` with the first datagram."""

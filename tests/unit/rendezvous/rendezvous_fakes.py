@@ -318,6 +318,7 @@ class Handler:
         self.introductions: list[Introduction] = []
         self.dial_backs: list[tuple[bytes, str, int]] = []
         self.relay_offers: list[tuple[bytes, bytes, float]] = []
+        self.udp_relay_offers: list[tuple[bytes, int, bytes, float]] = []
         self.fail_with: Exception | None = None
 
     def introduced(self, introduction: Introduction) -> None:
@@ -330,6 +331,9 @@ class Handler:
 
     def relay_offer(self, session: bytes, token: bytes, lifetime: float) -> None:
         self.relay_offers.append((session, token, lifetime))
+
+    def udp_relay_offer(self, session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        self.udp_relay_offers.append((session, port, token, lifetime))
 
 
 # -- driving requests ---------------------------------------------------------
