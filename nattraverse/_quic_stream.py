@@ -62,7 +62,8 @@ class _PinnedConnection(QuicConnection):
     and the amount of a stream's data not yet acknowledged by the peer, a
     way to repeat the acknowledgements not yet known to have arrived
     (:meth:`repeat_acknowledgements`), and a closing state that answers the
-    peer until it has heard the close (:meth:`receive_datagram`).
+    peer until it has heard the close (:meth:`receive_datagram`), and
+    whether a packet is addressed to it (:meth:`owns_destination`).
     """
 
     hold_window: bool = False
@@ -76,6 +77,15 @@ class _PinnedConnection(QuicConnection):
     _closing_since = 0.0
     _close_repeat_due = False
     _close_repeated_at: float | None = None
+
+    def owns_destination(self, datagram: bytes) -> bool:
+        """
+        Whether *datagram*, a short-header packet, is addressed to one of
+        this connection's own connection ids (RFC 9000 section 5.2).
+        """
+        end = 1 + self._configuration.connection_id_length
+        destination = datagram[1:end]
+        return any(issued.cid == destination for issued in self._host_cids)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -291,7 +301,9 @@ class QuicStreamTransport:
     :ivar method: ``"udp"``.
     :ivar peer_id: The peer's id, proved by its certificate.
     :ivar session: The introduction's session id (``b""`` when none).
-    :ivar remote: ``"ip:port"`` of the peer's end of the UDP path.
+    :ivar remote: ``"ip:port"`` of the peer's end of the UDP path (the
+        rendezvous' UDP relay while :attr:`relayed`; it changes when the
+        path moves, see :meth:`~nattraverse.quic.QuicPath.move`).
     :ivar connect_ms: Milliseconds from the start of the attempt to the
         authenticated path, when measured; else ``None``.
     :ivar report: On the caller's side, the
@@ -363,6 +375,17 @@ class QuicStreamTransport:
     def abortConnection(self) -> None:
         """Close the QUIC connection at once, dropping what is not delivered."""
         self._path._app_abort()
+
+    def _moved(self, remote: tuple[str, int]) -> None:
+        """The path moved to *remote* (:meth:`~nattraverse.quic.QuicPath.move`)."""
+        self._peer = _address(remote)
+        host = f"[{remote[0]}]" if ":" in remote[0] else remote[0]
+        self.remote = f"{host}:{remote[1]}"
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the stream goes through the rendezvous' UDP relay now."""
+        return self._path.relayed
 
     def getPeer(self) -> IPv4Address | IPv6Address:
         """The peer's UDP address."""

@@ -35,6 +35,19 @@ callee's :attr:`~QuicPath.authenticated` fires when that byte follows a
 pinned handshake, then it :meth:`~QuicPath.attach`\\ es.  No application
 byte moves before both pins held.
 
+**Moving.**  :meth:`QuicPath.move` sends the path's datagrams to another
+address (and, with *send*, through another socket), as the connectivity
+checks validated it: a connection made through the rendezvous' UDP relay
+moves to a direct path (issue 7's upgrade).  aioquic is never told: it
+keeps the first address as the peer's, and every datagram is fed to it
+under that address, so its migration logic (which would validate the new
+path again) stays out of the way; the checks, authenticated with the
+session's keys, already proved the new path both ways, and every QUIC
+packet is authenticated by QUIC itself.  Datagrams from the former
+addresses are still taken (those in flight through the relay), never sent
+to.  RTT and congestion estimates adapt to the new path within a few round
+trips.
+
 **Liveness.**  The QUIC idle timeout (25 s by default, at most 30 s) with
 a PING every ``keepalive`` seconds (8 s by default): a dead path ends with
 ``connectionLost(`` :class:`QuicPathIdle` ``)``.  ALPN is ``"nattraverse"``.
@@ -139,7 +152,8 @@ class QuicPath:
     :param expected: The peer id the rendezvous vouched for.
     :param send: ``send(datagram, address)``: write one datagram on the
         path's socket.
-    :param remote: The peer's address; datagrams from elsewhere are dropped.
+    :param remote: The peer's address; datagrams from elsewhere are dropped
+        (until :meth:`move`).
     :param local: This side's address, for ``getHost``.
     :param method: The traversal method, for the transport (``"udp"``).
     :param session: The introduction's session id, for the transport.
@@ -155,6 +169,8 @@ class QuicPath:
     :param write_buffer: Unacknowledged bytes above which a registered
         producer is paused (it resumes below a quarter of that).
     :param max_stream_data: Initial stream receive window, in bytes.
+    :param relayed: Whether *remote* is the rendezvous' UDP relay rather
+        than the peer itself (see :attr:`relayed`).
     :param initial_rtt: The path's round trip as the connectivity checks
         measured it, in seconds: QUIC's loss timers and pacing start from
         it instead of a guess (aioquic's 100 ms paces the first flights
@@ -180,6 +196,7 @@ class QuicPath:
         write_buffer: int = 256 * 1024,
         max_stream_data: int = 1024 * 1024,
         initial_rtt: float | None = None,
+        relayed: bool = False,
     ) -> None:
         if role not in ("caller", "callee"):
             raise ValueError(f"role is 'caller' or 'callee', not {role!r}")
@@ -195,7 +212,16 @@ class QuicPath:
         self.role: Role = role
         self.expected = expected
         self._send = send
+        #: Where datagrams go now (see :meth:`move`).
         self.remote = remote
+        #: Whether they go through the rendezvous' UDP relay.
+        self.relayed = relayed
+        #: The address aioquic knows the peer by, whatever :attr:`remote` is.
+        self._quic_address = remote
+        #: Addresses the path was moved away from: still heard, never sent to.
+        self._former: set[Address] = set()
+        #: Called with this path, its former and its new address after each :meth:`move`.
+        self.on_moved: list[Callable[[QuicPath, Address, Address], object]] = []
         self.local = local
         self.method = method
         self.session = session
@@ -291,14 +317,15 @@ class QuicPath:
         self._handshake_deadline = now + self._handshake_timeout
         self._last_probe = now  # the first stall probe, a second after the Initial
         if self.role == "caller":
-            self._quic.connect(self.remote, now=now)
+            self._quic.connect(self._quic_address, now=now)
         self._flush()
 
     def datagram_received(self, data: bytes, address: Address) -> None:
         """Feed one QUIC datagram from the path's socket."""
         if self._terminated or not self._started:
             return
-        if (address[0], address[1]) != (self.remote[0], self.remote[1]):
+        source = (address[0], address[1])
+        if source != (self.remote[0], self.remote[1]) and source not in self._former:
             self.dropped += 1
             return
         if self._connection is None:
@@ -314,8 +341,68 @@ class QuicPath:
                 return
             self._connection = self._new_connection(header.destination_cid)
         self._last_received = self._reactor.seconds()
-        self._quic.receive_datagram(data, address, now=self._last_received)
+        self._quic.receive_datagram(data, self._quic_address, now=self._last_received)
         self._flush()
+
+    def move(
+        self,
+        remote: Address,
+        send: Callable[[bytes, Address], object] | None = None,
+        *,
+        relayed: bool = False,
+    ) -> None:
+        """
+        Send from now on to *remote* (through *send*, when given: another
+        socket), an address the connectivity checks validated both ways;
+        keep taking datagrams from the former address.  The application
+        sees nothing but the transport's new :meth:`~QuicStreamTransport.getPeer`.
+        Each function of :attr:`on_moved` is called; the move is logged.
+
+        :raises RuntimeError: when the connection has ended.
+        """
+        if self._terminated:
+            raise RuntimeError("the QUIC connection has ended; it cannot move")
+        old = (self.remote[0], self.remote[1])
+        new = (remote[0], remote[1])
+        if new == old and send is None:
+            return
+        self._former.add(old)
+        self._former.discard(new)
+        was_relayed = self.relayed
+        self.remote = new
+        self.relayed = relayed
+        if send is not None:
+            self._send = send
+        if self._transport is not None:
+            self._transport._moved(new)
+        _log.info(
+            "QUIC path to {peer} moved from {old} ({old_kind}) to {new} ({new_kind})",
+            peer=self.expected,
+            old=_address(old),
+            old_kind="relayed" if was_relayed else "direct",
+            new=_address(new),
+            new_kind="relayed" if relayed else "direct",
+        )
+        for moved in list(self.on_moved):
+            moved(self, old, new)
+        self._flush()  # what waited goes out on the new path at once
+
+    def accepts(self, datagram: bytes) -> bool:
+        """
+        Whether *datagram* (QUIC) may belong to this connection: a long
+        header packet (the handshake's; aioquic sorts them out), or a short
+        header one addressed to one of its connection ids.  Tells this
+        connection's packets from another's that come from the same address
+        (a direct handshake the relayed connection replaced).
+        """
+        if self._connection is None or datagram[0] & 0x80:
+            return True
+        return self._connection.owns_destination(datagram)
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Every address the path takes datagrams from: :attr:`remote` first."""
+        return ((self.remote[0], self.remote[1]), *sorted(self._former))
 
     def _new_connection(self, original_destination: bytes | None = None) -> _PinnedConnection:
         connection = _PinnedConnection(
@@ -337,8 +424,8 @@ class QuicPath:
         self._handle_events()
         if not self._terminated:
             when = self._reactor.seconds() if now is None else now
-            for datagram, address in self._quic.datagrams_to_send(now=when):
-                self._send(datagram, address)
+            for datagram, _ in self._quic.datagrams_to_send(now=when):
+                self._send(datagram, self.remote)
             self._handle_events()  # sending may end a closing period
         self._check_producer()
         self._maybe_finish()

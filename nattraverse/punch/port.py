@@ -9,10 +9,18 @@ everything that travels on it.
   by the USERNAME's ufrag (derived from the session secret, so unique per
   introduction), responses by transaction id;
 - QUIC packets go to the :class:`~nattraverse.quic.QuicPath` of their
-  source address.  A QUIC packet from an address no path owns starts the
-  callee's path only when an *authenticated* check came from that address
-  in one of the callee's sessions; anything else is counted and dropped.
-  A path is never moved to another address.
+  source address (when addressed to that path's connection ids: another
+  connection's packets may come from the same address, see below).  A QUIC
+  packet from an address no path owns starts the callee's path only when an
+  *authenticated* check came from that address in one of the callee's
+  sessions, or when it comes from the session's relayed leg; anything else
+  is counted and dropped.
+
+With a relayed leg (:mod:`~nattraverse.punch.relayleg`), a session may end
+with a QUIC path through the rendezvous' UDP relay, then move it to a direct
+pair validated later (:mod:`~nattraverse.punch.session`, "Relay first, then
+upgrade"): :meth:`PunchingPort.carry` routes the path to its new address,
+on this port or on a child port.
 
 The caller side of a session (:meth:`PunchingPort.call`) runs the checks
 and starts its QUIC client on the first pair validated in both directions,
@@ -42,26 +50,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
-from nattraverse.errors import PunchChecksFailed
 from nattraverse.identity import Identity
-from nattraverse.punch.agent import IceAgent
-from nattraverse.punch.birthday import (
-    BirthdayConfig,
-    BirthdayPlan,
-    BirthdayRole,
-    HardSockets,
-    PortSpray,
-    random_ports,
-)
-from nattraverse.punch.candidates import Candidate, CandidateKind, CandidatePair
-from nattraverse.punch.checks import CheckConfig, CheckMachine, IceCredentials
+from nattraverse.punch.birthday import BirthdayConfig, BirthdayPlan
+from nattraverse.punch.candidates import Candidate
+from nattraverse.punch.checks import CheckConfig
+from nattraverse.punch.relayleg import Opener, RelayLeg
+from nattraverse.punch.session import PunchSession
 from nattraverse.quic import QuicPath, is_quic
 from nattraverse.secure import PathSecrets
 from nattraverse.stun.attributes import Username
@@ -69,8 +68,6 @@ from nattraverse.stun.demux import StunDemultiplexer
 from nattraverse.stun.message import decode, is_stun
 
 __all__ = ["PortStats", "PunchingPort"]
-
-_log = Logger()
 
 #: The STUN class bits (RFC 8489 section 5): both zero in a request.
 _CLASS_BITS = 0x0110
@@ -91,275 +88,6 @@ class PortStats:
     quic_unknown: int = 0
     checks_unknown: int = 0
     paths: int = 0
-
-
-class _Session:
-    """One introduction's checks and QUIC path on the port."""
-
-    def __init__(
-        self,
-        port: PunchingPort,
-        secrets: PathSecrets,
-        *,
-        controlling: bool,
-        local: Sequence[Candidate],
-        remote: Sequence[Candidate],
-        timeout: float,
-        birthday: BirthdayPlan | None = None,
-    ) -> None:
-        self.port = port
-        self.secrets = secrets
-        self.controlling = controlling
-        self.local = list(local)
-        self.birthday = birthday
-        self.credentials = IceCredentials.from_secret(secrets.secret, controlling=controlling)
-        machine = CheckMachine(
-            controlling=controlling,
-            credentials=self.credentials,
-            local=local,
-            remote=remote,
-            config=port.config,
-            random_bytes=port.random_bytes,
-        )
-        self.agent = IceAgent(port.reactor, port.demux.send, machine)
-        self.result: Deferred[QuicPath] = Deferred(self._cancelled)
-        self.path: QuicPath | None = None
-        self.checks_failure: Failure | None = None
-        self.finished = False
-        self.timeout = timeout
-        self._timer: IDelayedCall | None = None
-        self._deadline = 0.0
-        self._birthday_timer: IDelayedCall | None = None
-        #: The hard side's sockets, while they wait to be reached.
-        self.hard: HardSockets | None = None
-        #: The hard side's socket that was reached, as a port of its own.
-        self.child: PunchingPort | None = None
-        self._birthday_over = False
-        self._child_won = False
-        self._started = 0.0
-
-    def __repr__(self) -> str:
-        role = "caller" if self.controlling else "callee"
-        return f"<punch session {self.secrets.session.hex()} ({role})>"
-
-    def start(self) -> Deferred[QuicPath]:
-        reactor = self.port.reactor
-        self._started = reactor.seconds()
-        self._deadline = self._started + self.timeout
-        self._timer = reactor.callLater(self.timeout, self._timed_out)
-        if self.birthday is not None:
-            self._birthday_timer = reactor.callLater(self.port.birthday.delay, self._birthday_due)
-        else:
-            self._birthday_over = True
-        chosen = self.agent.start()
-        if self.controlling:
-            chosen.addCallbacks(self._selected, self._checks_failed)
-        else:
-            chosen.addCallbacks(lambda pair: None, self._checks_failed)
-        return self.result
-
-    # -- the checks -------------------------------------------------------------
-
-    def _selected(self, pair: CandidatePair) -> None:
-        """Caller: the checks chose *pair*: start QUIC on it."""
-        if self.finished or self.path is not None:
-            return
-        _log.info(
-            "UDP punch {session}: pair {pair} validated both ways; securing it",
-            session=self.secrets.session.hex(),
-            pair=str(pair),
-        )
-        self.start_path(pair.remote.address)
-
-    def _checks_failed(self, failure: Failure) -> None:
-        if self.finished or failure.check(CancelledError):
-            return
-        self.checks_failure = failure
-        if self.path is None and self._birthday_over:
-            self.finish(self._with_birthday(failure))
-
-    def heard_from(self, source: Endpoint) -> bool:
-        """Callee: whether *source* may start this session's QUIC path."""
-        return (
-            not self.finished
-            and not self.controlling
-            and self.path is None
-            and self.agent.machine.heard_from(source)
-        )
-
-    # -- birthday-paradox probing -------------------------------------------------
-
-    def _birthday_due(self) -> None:
-        """The delay is over: probe, unless the peer got through already."""
-        self._birthday_timer = None
-        plan, port = self.birthday, self.port
-        if self.finished or plan is None:
-            return
-        machine = self.agent.machine
-        if machine.heard_anything or machine.done:
-            _log.info(
-                "UDP punch {session}: no birthday probing, the checks reached the peer",
-                session=self.secrets.session.hex(),
-            )
-            self._end_birthday()
-            return
-        config = port.birthday
-        _log.info(
-            "UDP punch {session}: birthday probing ({plan})",
-            session=self.secrets.session.hex(),
-            plan=plan.describe(),
-        )
-        now = port.reactor.seconds()
-        if plan.role is BirthdayRole.EASY:
-            low, high = config.ports
-            ports = random_ports(port.random_bytes, config.probes, low, high)
-            self.agent.spray(PortSpray(plan.target.host, ports, config.rate, now))
-            self._end_birthday()  # the machine's spray: its end is the machine's
-            return
-        self.hard = HardSockets(
-            port.reactor,
-            self.credentials,
-            controlling=self.controlling,
-            target=plan.target,
-            config=config,
-            interface=port.interface,
-            # The easy side probes until its checks' deadline, at most.
-            until=min(self._deadline, self._started + port.config.deadline + 1.0),
-            random_bytes=port.random_bytes,
-            on_won=self._birthday_won,
-            on_over=self._end_birthday,
-        )
-        self.hard.start()
-
-    def _birthday_won(self, demux: Any, listening: Any, data: bytes, source: Endpoint) -> None:
-        """Hard side: a socket was reached: run this session on it too."""
-        if self.finished:
-            listening.stopListening()
-            return
-        child = self.port.adopt(demux, listening)
-        self.child = child
-        base = next((c for c in self.local if c.kind is CandidateKind.HOST), None)
-        host = base.address.host if base is not None else child.address.host
-        assert self.birthday is not None
-        local = [Candidate.host((host, child.address.port))]
-        remote = [Candidate.server_reflexive(self.birthday.target)]
-        remaining = max(self._deadline - self.port.reactor.seconds(), 0.001)
-        start = child.call if self.controlling else child.answer
-        result = start(self.secrets, local=local, remote=remote, timeout=remaining)
-        result.addBoth(self._child_done, child)
-        child.demux.datagramReceived(data, (source.host, source.port))
-
-    def _child_done(self, result: QuicPath | Failure, child: PunchingPort) -> None:
-        if self.finished or self.child is not child:
-            if not isinstance(result, Failure):
-                result.abort()
-            return None
-        if not isinstance(result, Failure):
-            child.close_when_idle()
-            if self.path is not None:
-                path, self.path = self.path, None
-                path.authenticated.addErrback(lambda _: None)
-                path.abort()
-            self._child_won = True
-            self.finish(result)
-            return None
-        _log.info(
-            "UDP punch {session}: the birthday socket's session failed: {error}",
-            session=self.secrets.session.hex(),
-            error=result.getErrorMessage(),
-        )
-        self.child = None
-        child.close()
-        self._end_birthday()
-        return None
-
-    def _end_birthday(self) -> None:
-        """Birthday probing is over (or not needed): fail if the checks did."""
-        self._birthday_over = True
-        if not self.finished and self.checks_failure is not None and self.path is None:
-            self.finish(self._with_birthday(self.checks_failure))
-
-    def _with_birthday(self, failure: Failure) -> Failure:
-        """*failure*, saying what the hard side's sockets did."""
-        error = failure.value
-        if self.hard is None or not isinstance(error, PunchChecksFailed):
-            return failure
-        seen = f"{error.seen}; birthday probing: {self.hard.describe()}"
-        return Failure(PunchChecksFailed(error.reason, seen, error.stats))
-
-    def _stop_birthday(self, keep_child: bool) -> None:
-        if self._birthday_timer is not None and self._birthday_timer.active():
-            self._birthday_timer.cancel()
-        self._birthday_timer = None
-        if self.hard is not None:
-            self.hard.stop()
-        if self.child is not None and not keep_child:
-            child, self.child = self.child, None
-            child.close()
-
-    # -- the path ---------------------------------------------------------------
-
-    def start_path(self, remote: Endpoint) -> QuicPath:
-        path = self.port.open_path(self, remote)
-        self.path = path
-        path.authenticated.addBoth(self._path_done, path)
-        path.start()
-        return path
-
-    def _path_done(self, result: QuicPath | Failure, path: QuicPath) -> None:
-        if self.finished:
-            return  # already reported, or cancelled
-        if not isinstance(result, Failure):
-            self.finish(result)
-            return
-        if self.path is path:
-            self.path = None
-        if self.controlling or self.checks_failure is not None or self.agent.stopped:
-            self.finish(result)
-        else:
-            _log.info(
-                "UDP punch {session}: QUIC from {remote} failed ({error}); waiting for another",
-                session=self.secrets.session.hex(),
-                remote=str(path.remote),
-                error=result.getErrorMessage(),
-            )
-
-    # -- ending -----------------------------------------------------------------
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        seen = self.agent.machine.describe()
-        if self.hard is not None:
-            seen += f"; birthday probing: {self.hard.describe()}"
-        self.finish(
-            Failure(TimeoutError(f"UDP hole punching timed out after {self.timeout:g} s; {seen}"))
-        )
-
-    def _cleanup(self, keep_path: bool) -> None:
-        self.finished = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.agent.stop()
-        self._stop_birthday(keep_child=self._child_won)
-        self.port.forget(self)
-        if not keep_path and self.path is not None:
-            path, self.path = self.path, None
-            path.authenticated.addErrback(lambda _: None)
-            path.abort()
-
-    def finish(self, result: QuicPath | Failure) -> None:
-        if self.finished:
-            return
-        self._cleanup(keep_path=not isinstance(result, Failure))
-        if isinstance(result, Failure):
-            self.result.errback(result)
-        else:
-            self.result.callback(result)
-
-    def _cancelled(self, result: Deferred[QuicPath]) -> None:
-        if not self.finished:
-            self._cleanup(keep_path=False)
 
 
 class PunchingPort:
@@ -402,8 +130,8 @@ class PunchingPort:
         self._interface = interface
         self._quic_options = dict(quic or {})
         self._listening: Any = None
-        self._sessions: dict[bytes, _Session] = {}
-        self._by_ufrag: dict[str, _Session] = {}
+        self._sessions: dict[bytes, PunchSession] = {}
+        self._by_ufrag: dict[str, PunchSession] = {}
         self._paths: dict[Endpoint, QuicPath] = {}
         self._closing: Deferred[None] | None = None
         self._close_when_idle = False
@@ -495,7 +223,7 @@ class PunchingPort:
         if self._closing is not None:
             return self._closing
         for session in list(self._sessions.values()):
-            session.finish(Failure(ConnectionAborted("the punching port was closed")))
+            session.stop(Failure(ConnectionAborted("the punching port was closed")))
         for path in list(self._paths.values()):
             path.authenticated.addErrback(lambda _: None)
             path.abort()
@@ -523,7 +251,7 @@ class PunchingPort:
         """
         self._close_when_idle = True
         for session in list(self._sessions.values()):
-            if session.path is None or not session.path.terminated:
+            if not session.finished:  # the upgrading ones go on with their path
                 session.finish(Failure(ConnectionAborted("the punching port is closing")))
         for child in list(self._children):
             child.close_when_idle()
@@ -544,18 +272,29 @@ class PunchingPort:
         remote: Sequence[Candidate],
         timeout: float,
         birthday: BirthdayPlan | None = None,
+        relay: RelayLeg | None = None,
     ) -> Deferred[QuicPath]:
         """
         The caller's side of a punch: checks (controlling), then QUIC (as
         the client) on the first pair validated in both directions; with
-        *birthday*, birthday-paradox probing too (see the module docstring).
+        *birthday*, birthday-paradox probing too (see the module docstring);
+        with *relay*, the relayed leg after its delay, and QUIC through it
+        (the path moves to a direct pair validated later).
 
         :returns: A cancellable Deferred of the authenticated path, not yet
             selected; it fails with
             :class:`~nattraverse.errors.PunchChecksFailed`, the QUIC path's
             failure, or ``TimeoutError`` after *timeout* seconds.
         """
-        return self._start(secrets, True, local, remote, timeout, birthday)
+        return self.run_session(
+            secrets,
+            controlling=True,
+            local=local,
+            remote=remote,
+            timeout=timeout,
+            birthday=birthday,
+            relay=relay,
+        )
 
     def answer(
         self,
@@ -569,26 +308,41 @@ class PunchingPort:
         """
         The callee's side: checks (controlled), and the caller's QUIC
         connection from an address that passed a check (or on the hard
-        side's birthday socket that was reached).
+        side's birthday socket that was reached, or through the relayed leg
+        once :meth:`relay_offered`).
 
         :returns: As :meth:`call`, the path firing once the caller selected it.
         """
-        return self._start(secrets, False, local, remote, timeout, birthday)
+        return self.run_session(
+            secrets,
+            controlling=False,
+            local=local,
+            remote=remote,
+            timeout=timeout,
+            birthday=birthday,
+        )
 
-    def _start(
+    def run_session(
         self,
         secrets: PathSecrets,
+        *,
         controlling: bool,
         local: Sequence[Candidate],
         remote: Sequence[Candidate],
         timeout: float,
-        birthday: BirthdayPlan | None,
+        birthday: BirthdayPlan | None = None,
+        relay: RelayLeg | None = None,
+        carrying: QuicPath | None = None,
     ) -> Deferred[QuicPath]:
+        """
+        :meth:`call` (*controlling*) or :meth:`answer`; for *carrying*, see
+        :class:`~nattraverse.punch.session.PunchSession`.
+        """
         if self._listening is None or self.closed:
             raise RuntimeError("the punching port is not listening")
         if secrets.session in self._sessions:
             raise RuntimeError(f"session {secrets.session.hex()} is already punching on this port")
-        session = _Session(
+        session = PunchSession(
             self,
             secrets,
             controlling=controlling,
@@ -596,12 +350,29 @@ class PunchingPort:
             remote=remote,
             timeout=timeout,
             birthday=birthday,
+            relay=relay,
+            carrying=carrying,
         )
         self._sessions[secrets.session] = session
         self._by_ufrag[session.credentials.local_ufrag] = session
         return session.start()
 
-    def forget(self, session: _Session) -> None:
+    def session_of(self, session_id: bytes) -> PunchSession | None:
+        """The session of the introduction *session_id* on this port, if any."""
+        return self._sessions.get(session_id)
+
+    def relay_offered(self, session_id: bytes, opener: Opener) -> bool:
+        """
+        Callee: the caller of *session_id* asked for the rendezvous' UDP
+        relay; *opener* latches this port's socket to it.
+
+        :returns: Whether a session of this port took it (not when the
+            session is unknown, over, or already latched).
+        """
+        session = self._sessions.get(session_id)
+        return session is not None and session.relay_offered(opener)
+
+    def forget(self, session: PunchSession) -> None:
         """A session ended: route nothing more to it."""
         if self._sessions.get(session.secrets.session) is session:
             del self._sessions[session.secrets.session]
@@ -609,8 +380,13 @@ class PunchingPort:
             del self._by_ufrag[session.credentials.local_ufrag]
         self._maybe_close()
 
-    def open_path(self, session: _Session, remote: Endpoint) -> QuicPath:
-        """A QUIC path of *session* to *remote*, routed from now on."""
+    def open_path(
+        self, session: PunchSession, remote: Endpoint, *, relayed: bool = False
+    ) -> QuicPath:
+        """
+        A QUIC path of *session* to *remote* (the rendezvous' UDP relay when
+        *relayed*), routed from now on.
+        """
         old = self._paths.get(remote)
         if old is not None and not old.terminated:
             raise RuntimeError(f"a QUIC path to {remote} is already open on this port")
@@ -632,6 +408,7 @@ class PunchingPort:
             method=session.secrets.method,
             session=session.secrets.session,
             secrets=session.secrets,
+            relayed=relayed,
             **options,
         )
         path.on_terminated.append(self._path_ended)
@@ -645,10 +422,24 @@ class PunchingPort:
             return
         self.demux.send(data, Endpoint(address[0], address[1]))
 
+    def carry(self, path: QuicPath, remote: Endpoint) -> None:
+        """
+        Send *path*'s datagrams to *remote* through this port's socket from
+        now on, and route *remote*'s to it (:meth:`~nattraverse.quic.QuicPath.move`):
+        a relayed connection moving to a validated direct pair.
+        """
+        self._paths[remote] = path
+        if self._path_ended not in path.on_terminated:
+            path.on_terminated.append(self._path_ended)
+        path.move((remote.host, remote.port), self._send)
+
+    def unroute(self, path: QuicPath) -> None:
+        """Route no more datagrams to *path* (aborted: its address goes to another)."""
+        for address in [a for a, p in self._paths.items() if p is path]:
+            del self._paths[address]
+
     def _path_ended(self, path: QuicPath) -> None:
-        remote = Endpoint(path.remote[0], path.remote[1])
-        if self._paths.get(remote) is path:
-            del self._paths[remote]
+        self.unroute(path)
         self._maybe_close()
 
     # -- routing ----------------------------------------------------------------
@@ -672,7 +463,7 @@ class PunchingPort:
                 return session.agent.datagram_received(data, source)
         return False  # the STUN client's (the rendezvous binding), or nobody's
 
-    def _session_of_request(self, data: bytes) -> _Session | None:
+    def _session_of_request(self, data: bytes) -> PunchSession | None:
         try:
             username = decode(data).get(Username)
         except Exception:
@@ -683,12 +474,14 @@ class PunchingPort:
 
     def _route_quic(self, data: bytes, source: Endpoint) -> None:
         path = self._paths.get(source)
+        if path is not None and len(self._paths) > 1 and not path.accepts(data):
+            path = None  # another connection's packet from the same address
         if path is None:
-            session = next(
-                (s for s in reversed(self._sessions.values()) if s.heard_from(source)), None
-            )
-            if session is None:
+            for session in reversed(list(self._sessions.values())):
+                path = session.quic_from(source, data)
+                if path is not None:
+                    break
+            else:
                 self.stats.quic_unknown += 1
                 return
-            path = session.start_path(source)
         path.datagram_received(data, (source.host, source.port))

@@ -1,0 +1,341 @@
+"""
+Relay first, then upgrade: a punching session's relayed leg (QUIC through a
+UDP relay that forwards between two latched sockets), and the move of that
+connection to a direct pair validated later, on the simulated network.
+
+The relay here is a stand-in with the rendezvous relay's forwarding rule
+(latch on a STUN Binding request, then forward everything else to the
+other latched socket); the real one is tested in tests/unit/rendezvous and
+tests/integration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.python.failure import Failure
+
+from nattraverse._types import Endpoint
+from nattraverse.errors import PunchChecksFailed
+from nattraverse.identity import Identity
+from nattraverse.punch.birthday import BirthdayPlan, BirthdayRole
+from nattraverse.punch.candidates import Candidate, gather
+from nattraverse.punch.port import PunchingPort
+from nattraverse.punch.relayleg import RelayLeg
+from nattraverse.quic import QuicPath
+from nattraverse.secure import PathSecrets
+from nattraverse.stun.attributes import XorMappedAddress
+from nattraverse.stun.constants import MessageClass, Method
+from nattraverse.stun.message import decode, encode, is_stun
+from nattraverse.stun.server import StunServer
+from nattraverse.testing import Network, SimulatedHost
+
+SECRET = b"u" * 32
+SESSION = b"v" * 16
+STUN = Endpoint("192.0.2.1", 3478)
+RELAY = Endpoint("192.0.2.1", 40000)
+MEGABYTE = 1024 * 1024
+
+
+class FakeRelay(DatagramProtocol):
+    """Latches the first two sources of a Binding request; forwards the rest between them."""
+
+    def __init__(self) -> None:
+        self.latched: list[tuple[str, int]] = []
+        self.forwarded = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        source = (addr[0], addr[1])
+        if is_stun(data):
+            request = decode(data)
+            if request.method == Method.BINDING and request.message_class is MessageClass.REQUEST:
+                if source not in self.latched:
+                    self.latched.append(source)
+                answer = encode(
+                    Method.BINDING,
+                    MessageClass.SUCCESS,
+                    request.transaction_id,
+                    [XorMappedAddress(Endpoint(*source))],
+                )
+                self.transport.write(answer, source)  # type: ignore[union-attr]
+                return
+        if source in self.latched and len(self.latched) == 2:
+            other = self.latched[1 - self.latched.index(source)]
+            self.forwarded += 1
+            self.transport.write(data, other)  # type: ignore[union-attr]
+
+
+@dataclass
+class Peer:
+    host: SimulatedHost
+    identity: Identity
+    port: PunchingPort
+    candidates: list[Candidate]
+    nat: str
+    opened: list[float] = field(default_factory=list)
+
+
+def make_network(seed: str) -> tuple[Network, FakeRelay]:
+    network = Network(seed=seed)
+    stun = network.host("stun", address=STUN.host)
+    StunServer(
+        stun.reactor, interface=STUN.host, port=STUN.port, tcp=False, fast_path=False
+    ).startService()
+    relay = FakeRelay()
+    stun.reactor.listenUDP(RELAY.port, relay, interface=RELAY.host)
+    return network, relay
+
+
+def peer(network: Network, name: str, preset: str) -> Peer:
+    host = network.host(name, network.nat(f"nat-{name}", preset=preset).lan)
+    identity = Identity.generate(now=network.clock.seconds())
+    port = PunchingPort(host.reactor, identity, random_bytes=network.random("up", name).randbytes)
+    bound = port.start()
+    response = network.run_until(port.demux.client.binding(STUN))
+    assert response.mapped_address is not None
+    return Peer(
+        host, identity, port, gather(bound.port, [host.address], response.mapped_address), preset
+    )
+
+
+def opener(network: Network, of: Peer) -> Any:
+    """Latch *of*'s punching socket to the relay (what the rendezvous' client does)."""
+
+    def open_leg() -> Deferred[Endpoint]:
+        of.opened.append(network.clock.seconds())
+        latched: Deferred[Endpoint] = of.port.demux.client.binding(RELAY).addCallback(
+            lambda _: RELAY
+        )
+        return latched
+
+    return open_leg
+
+
+def birthday_plan(of: Peer, other: Peer) -> BirthdayPlan | None:
+    if {of.nat, other.nat} != {"symmetric", "port-restricted"}:
+        return None
+    role = BirthdayRole.HARD if of.nat == "symmetric" else BirthdayRole.EASY
+    return BirthdayPlan(role, other.candidates[-1].address)
+
+
+class Sender(Protocol):
+    """Writes *total* bytes in chunks, one every *gap* seconds, then closes."""
+
+    def __init__(self, clock: Any, total: int, chunk: int = 32 * 1024, gap: float = 0.1) -> None:
+        self.clock = clock
+        self.left = total
+        self.chunk = chunk
+        self.gap = gap
+        self.sent = bytearray()
+
+    def connectionMade(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        if self.left <= 0:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        size = min(self.chunk, self.left)
+        data = bytes((len(self.sent) + i) % 251 for i in range(size))
+        self.sent += data
+        self.left -= size
+        self.transport.write(data)  # type: ignore[union-attr]
+        self.clock.callLater(self.gap, self._next)
+
+
+class Receiver(Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.lost = reason
+
+
+@dataclass
+class Outcome:
+    caller: QuicPath | Failure
+    callee: QuicPath | Failure
+    took: float
+    relayed: bool = False
+    moves: list[tuple[float, tuple[str, int], tuple[str, int]]] = field(default_factory=list)
+    sender: Sender | None = None
+    receiver: Receiver | None = None
+
+
+def punch(
+    network: Network,
+    caller: Peer,
+    callee: Peer,
+    *,
+    delay: float = 0.0,
+    send: int = 0,
+    timeout: float = 30.0,
+    caller_opener: Any = None,
+) -> Outcome:
+    """Both sides punch with a relayed leg; the caller sends *send* bytes once connected."""
+    start = network.clock.seconds()
+    answered = callee.port.answer(
+        PathSecrets(SESSION, SECRET, caller.identity.peer_id, "udp"),
+        local=callee.candidates,
+        remote=caller.candidates,
+        timeout=timeout,
+        birthday=birthday_plan(callee, caller),
+    )
+    callee_opener = opener(network, callee)
+    to_relay = caller_opener or opener(network, caller)
+
+    def open_both() -> Deferred[Endpoint]:
+        # What the rendezvous does: answer the caller, offer the callee.
+        result: Deferred[Endpoint] = to_relay()
+        callee.port.relay_offered(SESSION, callee_opener)
+        return result
+
+    called = caller.port.call(
+        PathSecrets(SESSION, SECRET, callee.identity.peer_id, "udp"),
+        local=caller.candidates,
+        remote=callee.candidates,
+        timeout=timeout,
+        birthday=birthday_plan(caller, callee),
+        relay=RelayLeg(delay, open_both),
+    )
+    results: dict[str, Any] = {}
+    called.addBoth(lambda r: results.setdefault("caller", (r, network.clock.seconds())))
+    answered.addBoth(lambda r: results.setdefault("callee", r))
+    deadline = start + timeout + 1
+    while "caller" not in results and network.clock.seconds() < deadline:
+        network.run(0.05)
+    mine = results["caller"][0]
+    outcome = Outcome(mine, Failure(AssertionError("no answer")), results["caller"][1] - start)
+    if isinstance(mine, QuicPath):
+        outcome.relayed = mine.relayed
+        mine.on_moved.append(
+            lambda path, old, new: outcome.moves.append((network.clock.seconds(), old, new))
+        )
+        sender = outcome.sender = Sender(caller.host.reactor, send)
+        mine.select(Factory.forProtocol(lambda: sender))
+    while "callee" not in results and network.clock.seconds() < deadline:
+        network.run(0.05)
+    outcome.callee = results["callee"]
+    if isinstance(outcome.callee, QuicPath):
+        receiver = outcome.receiver = Receiver()
+        outcome.callee.attach(Factory.forProtocol(lambda: receiver))
+    return outcome
+
+
+def close(network: Network, *peers: Peer) -> None:
+    """Close the ports; nothing is left on any host."""
+    for p in peers:
+        p.port.close()
+    network.run(5)
+    for p in peers:
+        assert p.port.sessions == 0
+        assert p.port.paths == 0
+        assert p.host.ports == ()
+        assert p.host.reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("hard_calls", [True, False], ids=["hard-caller", "easy-caller"])
+def test_relayed_connection_moves_to_birthday_path_during_transfer(hard_calls: bool) -> None:
+    """The relay connects first; birthday probing finds a direct path; 1 MiB arrives intact."""
+    network, relay = make_network(f"upgrade-{hard_calls}")
+    hard = peer(network, "hard", "symmetric")
+    easy = peer(network, "easy", "port-restricted")
+    caller, callee = (hard, easy) if hard_calls else (easy, hard)
+    result = punch(network, caller, callee, send=MEGABYTE)
+    assert isinstance(result.caller, QuicPath), result.caller
+    assert isinstance(result.callee, QuicPath), result.callee
+    assert result.relayed  # the relay won: the hard side probes only after 0.5 s
+    assert result.took < 1.0
+    network.run(15)
+    assert result.receiver is not None
+    assert result.sender is not None
+    assert bytes(result.receiver.data) == bytes(result.sender.sent)
+    assert len(result.receiver.data) == MEGABYTE
+    assert result.receiver.lost is not None  # the sender closed after the last byte
+    # Both moved off the relay, to each other's NAT, with data still flowing.
+    assert len(result.moves) == 1
+    moved_at, old, new = result.moves[0]
+    assert old == tuple(RELAY)
+    assert new[0] == network.nats[f"nat-{callee.host.name}"].address
+    assert moved_at - (network.clock.seconds() - 15) < 3.2  # within the transfer
+    assert not result.caller.relayed
+    assert not result.callee.relayed
+    assert result.callee.remote[0] == network.nats[f"nat-{caller.host.name}"].address
+    forwarded = relay.forwarded
+    network.run(1)
+    assert relay.forwarded == forwarded  # nothing goes through the relay any more
+    close(network, hard, easy)
+
+
+def test_pair_beyond_prediction_stays_relayed() -> None:
+    """Two random symmetric NATs: connected through the relay; the checks end; it stays."""
+    network, relay = make_network("upgrade-sym")
+    caller = peer(network, "a", "symmetric")
+    callee = peer(network, "b", "symmetric")
+    result = punch(network, caller, callee, send=64 * 1024)
+    assert isinstance(result.caller, QuicPath), result.caller
+    assert isinstance(result.callee, QuicPath), result.callee
+    assert result.caller.relayed
+    assert result.callee.relayed
+    network.run(40)  # past the checks' deadline and the session's timeout
+    assert caller.port.sessions == 0
+    assert callee.port.sessions == 0
+    assert result.moves == []
+    assert result.receiver is not None
+    assert len(result.receiver.data) == 64 * 1024
+    assert relay.forwarded > 0
+    close(network, caller, callee)
+
+
+def test_direct_path_wins_before_the_relay_is_asked_for() -> None:
+    """Behind full-cone NATs the checks connect within the head start: no relay at all."""
+    network, relay = make_network("upgrade-cone")
+    caller = peer(network, "a", "full-cone")
+    callee = peer(network, "b", "full-cone")
+    result = punch(network, caller, callee, delay=0.5)
+    assert isinstance(result.caller, QuicPath), result.caller
+    assert not result.caller.relayed
+    network.run(2)
+    assert caller.opened == []
+    assert callee.opened == []
+    assert relay.latched == []
+    close(network, caller, callee)
+
+
+def test_failed_leg_and_checks_fail_saying_both() -> None:
+    """No relay and no direct pair: the failure names the relayed leg's error too."""
+    network, _ = make_network("upgrade-fail")
+    caller = peer(network, "a", "symmetric")
+    callee = peer(network, "b", "symmetric")
+
+    def refused() -> Deferred[Endpoint]:
+        return fail(RuntimeError("the relay is off on this rendezvous"))
+
+    result = punch(network, caller, callee, caller_opener=refused, timeout=20)
+    assert isinstance(result.caller, Failure)
+    result.caller.trap(PunchChecksFailed)
+    assert "relayed leg: the relay is off on this rendezvous" in str(result.caller.value)
+    close(network, caller, callee)
+
+
+def test_closing_the_relayed_connection_stops_the_checks() -> None:
+    """The application closes a relayed connection: the session stops at once, nothing left."""
+    network, _ = make_network("upgrade-close")
+    caller = peer(network, "a", "symmetric")
+    callee = peer(network, "b", "symmetric")
+    result = punch(network, caller, callee)
+    assert isinstance(result.caller, QuicPath)
+    assert caller.port.sessions == 1  # still checking, to upgrade
+    assert result.caller._transport is not None
+    result.caller._transport.loseConnection()
+    network.run(5)
+    assert caller.port.sessions == 0
+    close(network, caller, callee)
