@@ -561,6 +561,25 @@ class PunchListener:
                 self._context, entry.introduction, token, lifetime,
             )  # fmt: skip
 
+    def udp_relay_offer(self, session: bytes, port: int, token: bytes, lifetime: float) -> None:
+        """
+        ``UdpRelayOffer``: latch the punching port to the rendezvous' UDP
+        relay for the caller's relayed leg of *session*
+        (:func:`nattraverse.methods.udp.relay_offered`).
+        """
+        from nattraverse.methods.udp import relay_offered
+
+        entry = self._lookup(session, "a UDP relay offer")
+        rendezvous = self._registration.session if self._registration is not None else None
+        if entry is None or self.stopped or rendezvous is None:
+            return
+        if not relay_offered(self._context, rendezvous, session, port, token):
+            _log.info(
+                "ignoring the UDP relay offer for session {session}: no punching session "
+                "takes it (over, or not punching UDP)",
+                session=session.hex(),
+            )
+
     def _run(
         self, entry: _Pending, method: ITraversalMethod, hook: str, call: Any, *args: Any
     ) -> None:

@@ -46,7 +46,7 @@ from nattraverse.punch.checks import CheckConfig
 from nattraverse.punch.tcppunch import tcp_punch_config
 from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
 from nattraverse.rendezvous.commands import MAX_CANDIDATES, check_name, is_peer_id
-from nattraverse.report import ConnectionReport, MethodAttempt, Outcome
+from nattraverse.report import ConnectionReport, MethodAttempt, Outcome, Upgrade
 
 __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
@@ -114,12 +114,14 @@ def race_report(
     started: float,
     introduced: float,
     nats: str | None = None,
+    relayed: bool = False,
 ) -> ConnectionReport:
     """
     The :class:`~nattraverse.report.ConnectionReport` of a race that is
     over: times from *introduced* (when every method started), the
     introduction's own time from *started* (when ``connect()`` was called),
-    and how both sides' NATs map (*nats*, when known).
+    how both sides' NATs map (*nats*, when known), and whether the winner's
+    path goes through the rendezvous' UDP relay (*relayed*).
     """
     attempts = race.attempts
     winner = next((a for a in attempts if a.outcome == "won"), None)
@@ -147,6 +149,7 @@ def race_report(
             since(a.ended),
             reason(a.outcome, a.error),
             a.last_resort,
+            relayed and a is winner,
         )
         for a in attempts
     )
@@ -380,6 +383,7 @@ class PunchClientEndpoint:
                 )
             remaining = max(deadline - reactor.seconds(), 0.001)
             nats, stagger = self._nats(udp_local, introduction)
+            udp_relay_leg = self._udp_relay_leg(session, udp)
             context = CallerContext(
                 reactor=reactor,
                 identity=self._identity,
@@ -394,6 +398,8 @@ class PunchClientEndpoint:
                 udp_problem=udp_problem,
                 tcp=tcp,
                 tcp_problem=tcp_problem,
+                relay_delay=stagger,
+                udp_relay_leg=udp_relay_leg,
             )
             race: Race[Path] = Race(
                 reactor,
@@ -412,12 +418,17 @@ class PunchClientEndpoint:
             except PunchFailed as e:
                 e.report = race_report(race, self._peer, str(expected), started, introduced, nats)
                 raise
-            report = race_report(race, self._peer, str(expected), started, introduced, nats)
+            relayed = bool(getattr(path, "relayed", False))
+            report = race_report(
+                race, self._peer, str(expected), started, introduced, nats, relayed
+            )
             try:
                 protocol = path.select(factory, started=started, report=report)
             except BaseException:
                 discard_path(path)
                 raise
+            if relayed and protocol is not None:
+                self._watch_upgrade(path, protocol, name, introduced)
         finally:
             session.close()
             if tcp is not None:
@@ -438,6 +449,38 @@ class PunchClientEndpoint:
             report=report,
         )
         return protocol
+
+    def _udp_relay_leg(self, session: RendezvousSession, udp: Any) -> bool:
+        """Whether the ``udp`` method races with a relayed leg (see :class:`CallerContext`)."""
+        return (
+            udp is not None
+            and any(m.name == "udp" for m in self._methods)
+            and bool(getattr(session, "udp_relay_available", False))
+        )
+
+    def _watch_upgrade(
+        self, path: Any, protocol: IProtocol, method: str, introduced: float
+    ) -> None:
+        """Add each move of the relayed *path* to a direct one to its transport's report."""
+        reactor, peer = self._reactor, self._peer
+
+        def moved(_: Any, old: tuple[str, int], new: tuple[str, int]) -> None:
+            transport: Any = getattr(protocol, "transport", None)
+            report = getattr(transport, "report", None)
+            if report is None:
+                return
+            remote = getattr(transport, "remote", f"{new[0]}:{new[1]}")
+            upgrade = Upgrade(reactor.seconds() - introduced, f"{method} (relayed)", method, remote)
+            transport.report = report.with_upgrade(upgrade)
+            _log.info(
+                "the connection to {peer} moved from the rendezvous' UDP relay to a direct "
+                "path ({remote}), {at:.0f} ms after the introduction",
+                peer=peer,
+                remote=remote,
+                at=upgrade.at * 1000,
+            )
+
+        path.on_moved.append(moved)
 
     def _open_tcp(self) -> tuple[Any, IStreamClientEndpoint, str | None]:
         """

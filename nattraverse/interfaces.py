@@ -136,6 +136,13 @@ class CallerContext:
         method :attr:`~ITraversalMethod.uses_tcp_port`, or when it could not
         be used.
     :ivar tcp_problem: Why :attr:`tcp` is ``None`` although a method wanted it.
+    :ivar relay_delay: Seconds the relays wait after the introduction: the
+        direct methods' head start (0 when no direct path can work); the
+        ``udp`` method opens its relayed leg after it.
+    :ivar udp_relay_leg: Whether the ``udp`` method races with a relayed
+        leg through the rendezvous' UDP relay (which it may later move to
+        a direct path): the TCP relay then waits
+        :data:`~nattraverse.methods.relay.UDP_RELAY_GRACE` more.
     """
 
     reactor: Any
@@ -151,6 +158,8 @@ class CallerContext:
     udp_problem: str | None = None
     tcp: TcpPunchingPort | None = None
     tcp_problem: str | None = None
+    relay_delay: float = 0.5
+    udp_relay_leg: bool = False
 
     def secrets(self, method: str) -> PathSecrets:
         """The secrets of a path of *method* to the callee."""

@@ -11,7 +11,9 @@ It is a thin shell over the ``punch:`` endpoints (:doc:`/endpoints`): the
 arguments become a ``punch:`` endpoint string, parsed by the same plugins an
 application uses.  ``--json-report`` writes one JSON object per connection
 to standard error, saying which method carried it and, on the connecting
-side, how every method fared (also when none reached the peer).
+side, how every method fared (also when none reached the peer); a
+connection made through the rendezvous' UDP relay that moved to a direct
+path gets a second one, with ``"moved": true``, when it ends.
 
 Exit status: 0 when the connection ended normally; 1 when it could not be
 made (the message lists every method tried and why it failed) or was lost
@@ -230,7 +232,35 @@ def report(stream: TextIO, transport: ITransport, connect_ms: float | None) -> N
         "peer": str(getattr(transport, "peer_id", "")),
         "method": getattr(transport, "method", "unknown"),
         "remote": getattr(transport, "remote", ""),
+        "relayed": _relayed(transport),
         "connect_ms": connect_ms,
+    }
+    race = getattr(transport, "report", None)
+    if race is not None:
+        line["race"] = race.to_json()
+    stream.write(json.dumps(line) + "\n")
+    stream.flush()
+
+
+def _relayed(transport: ITransport) -> bool:
+    """Whether *transport* goes through a relay: the TCP relay, or the UDP relay now."""
+    method = getattr(transport, "method", "")
+    return method == "relay" or bool(getattr(transport, "relayed", False))
+
+
+def report_move(stream: TextIO, transport: ITransport) -> None:
+    """
+    Write the JSON line ``--json-report`` adds when a connection that was
+    made through the rendezvous' UDP relay ends on a direct path: the same
+    keys as :func:`report` (``remote`` and ``relayed`` as they are now,
+    ``race`` with its ``upgrades``), and ``"moved": true``.
+    """
+    line: dict[str, Any] = {
+        "peer": str(getattr(transport, "peer_id", "")),
+        "method": getattr(transport, "method", "unknown"),
+        "remote": getattr(transport, "remote", ""),
+        "relayed": _relayed(transport),
+        "moved": True,
     }
     race = getattr(transport, "report", None)
     if race is not None:
@@ -347,6 +377,7 @@ class _Peer(Protocol):
         self._clock = clock
         self._on_closed = on_closed
         self.last_received = clock.seconds()
+        self._relayed = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -355,6 +386,7 @@ class _Peer(Protocol):
             if connect_ms is None and self._started is not None:
                 connect_ms = (self._clock.seconds() - self._started) * 1000.0
             report(self._report_to, self.transport, connect_ms)
+        self._relayed = bool(getattr(self.transport, "relayed", False))
         _log.info(
             "connected to {peer} via {method} ({remote})",
             peer=str(getattr(self.transport, "peer_id", "?")),
@@ -372,6 +404,9 @@ class _Peer(Protocol):
             self._console.deliver(data)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        moved = self._relayed and not getattr(self.transport, "relayed", False)
+        if self._report_to is not None and moved and self.transport is not None:
+            report_move(self._report_to, self.transport)
         if self._console is not None:
             self._console.remove(self)
         self._on_closed(self, reason)

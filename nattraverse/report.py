@@ -59,6 +59,9 @@ class MethodAttempt:
         for the winner.
     :ivar relay: Whether it is a last resort (a relay), which started after
         the direct methods' head start.
+    :ivar relayed: Whether the path it won with goes through the
+        rendezvous' UDP relay (the ``udp`` method's relayed leg), which
+        may later move to a direct path (:class:`Upgrade`).
     """
 
     method: str
@@ -67,6 +70,7 @@ class MethodAttempt:
     ended: float | None = None
     reason: str = ""
     relay: bool = False
+    relayed: bool = False
 
     @property
     def duration(self) -> float | None:
@@ -83,12 +87,14 @@ class MethodAttempt:
             "started_ms": _ms(self.started),
             "duration_ms": _ms(self.duration),
             "reason": self.reason,
+            "relayed": self.relayed,
         }
 
     def __str__(self) -> str:
         ran = f" after {self.duration * 1000:.0f} ms" if self.duration is not None else ""
         why = f": {self.reason}" if self.reason else ""
-        return f"{self.method} {self.outcome.value}{ran}{why}"
+        through = " through the UDP relay" if self.relayed else ""
+        return f"{self.method} {self.outcome.value}{through}{ran}{why}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +151,19 @@ class ConnectionReport:
 
     @property
     def relayed(self) -> bool:
-        """Whether a relay (a last-resort method) won."""
-        return any(a.outcome is Outcome.WON and a.relay for a in self.attempts)
+        """
+        Whether the connection goes through a relay: a relay (a last-resort
+        method) won, or the winner's path went through the rendezvous' UDP
+        relay and has not moved to a direct path since.
+        """
+        won = self._winner
+        if won is None:
+            return False
+        return won.relay or (won.relayed and not self.upgrades)
+
+    @property
+    def _winner(self) -> MethodAttempt | None:
+        return next((a for a in self.attempts if a.outcome is Outcome.WON), None)
 
     def attempt(self, method: str) -> MethodAttempt:
         """
@@ -174,10 +191,14 @@ class ConnectionReport:
         return text if self.nats is None else f"{text}; {self.nats}"
 
     def _why_relayed(self) -> str:
-        direct = [a for a in self.attempts if not a.relay]
-        if not direct:
+        winner = self._winner
+        leg = winner if winner is not None and winner.relayed else None
+        direct = [a for a in self.attempts if not a.relay and a is not leg]
+        if not direct and leg is None:
             return "only relay methods were enabled"
         running = [a for a in direct if a.outcome in (Outcome.CANCELLED, Outcome.TOO_LATE)]
+        if leg is not None:
+            running.insert(0, leg)  # its direct pairs go on, to upgrade
         failed = "; ".join(str(a) for a in direct if a not in running)
         if not running:
             return f"no direct method worked: {failed}"
@@ -186,8 +207,11 @@ class ConnectionReport:
             f"{a.method} (running for {(won_at - (a.started or 0.0)) * 1000:.0f} ms)"
             for a in running
         )
-        text = f"the relay connected first, {won_at * 1000:.0f} ms after the introduction, while "
+        relay = "the rendezvous' UDP relay" if leg is not None else "the relay"
+        text = f"{relay} connected first, {won_at * 1000:.0f} ms after the introduction, while "
         text += f"{still} had not yet reached the peer"
+        if leg is not None:
+            text += f" ({leg.method} goes on checking, to move the connection to a direct path)"
         return f"{text}; {failed}" if failed else text
 
     def with_upgrade(self, upgrade: Upgrade) -> ConnectionReport:
@@ -215,6 +239,9 @@ class ConnectionReport:
             head = f"no path to {self.peer}"
         else:
             head = f"{self.peer} via {self.method}"
+            winner = self._winner
+            if winner is not None and winner.relayed:
+                head += " through the rendezvous' UDP relay"
             if self.connected is not None:
                 head += f" in {self.connected * 1000:.0f} ms after the introduction"
         lines = [f"{head} (introduction took {self.introduced * 1000:.0f} ms)"]

@@ -8,6 +8,11 @@ and joins with its token (:func:`~nattraverse.rendezvous.client.join_relay`);
 the caller sends the path preamble, and the path is secured end to end
 like any other: the relay sees only TLS.
 
+When the ``udp`` method races with a relayed leg through the rendezvous'
+UDP relay (which can move to a direct path later), this TCP relay is the
+fallback for networks where that leg fails: it waits
+:data:`UDP_RELAY_GRACE` seconds more.
+
 Plugin scans import this module: heavy modules are imported in the methods.
 """
 
@@ -28,7 +33,10 @@ if TYPE_CHECKING:
     from nattraverse.rendezvous.client import Introduction
     from nattraverse.secure import SecurePath
 
-__all__ = ["RelayMethod"]
+__all__ = ["UDP_RELAY_GRACE", "RelayMethod"]
+
+#: Seconds the TCP relay leaves the ``udp`` method's relayed leg (see the module docstring).
+UDP_RELAY_GRACE = 1.0
 
 
 async def _join(
@@ -77,11 +85,17 @@ class RelayMethod(TraversalMethod):
         return f"the rendezvous at {context.session.where} does not relay"
 
     def attempt(self, context: CallerContext) -> Deferred[SecurePath]:
-        """Ask for a relay, join it, secure the path."""
+        """
+        Ask for a relay (after :data:`UDP_RELAY_GRACE` more when the udp
+        method has a relayed leg), join it, secure the path.
+        """
         from twisted.internet.defer import Deferred
 
         async def run() -> SecurePath:
+            if context.udp_relay_leg:
+                from twisted.internet.task import deferLater
 
+                await deferLater(context.reactor, UDP_RELAY_GRACE)
             token, _lifetime = await context.session.relay(context.introduction.session)
             path = context.opening_path(self.name)
             return await _join(

@@ -22,13 +22,22 @@ take part in birthday-paradox probing (:mod:`nattraverse.punch.birthday`)
 if nothing authenticated came from the peer shortly after the start.  A
 failure says which NATs the two sides are behind.
 
+When the rendezvous relays UDP, the caller's session has a relayed leg
+(:mod:`nattraverse.punch.relayleg`): after the relays' head start it asks
+for the rendezvous' UDP relay (``UdpRelay``), latches its punching socket to
+it, and starts QUIC through it (the callee latches when it gets
+``UdpRelayOffer``).  If that path authenticates first the connection is
+made through the relay (``transport.relayed``), and the checks go on: a
+direct pair validated later takes the connection over without a new
+handshake (relay first, then upgrade; :mod:`nattraverse.punch.session`).
+
 Plugin scans import this module: heavy modules are imported in the methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -39,13 +48,18 @@ from nattraverse.interfaces import CalleeContext, CallerContext, ITraversalMetho
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from nattraverse._types import Endpoint
     from nattraverse.punch.birthday import BirthdayPlan
     from nattraverse.punch.candidates import Candidate
     from nattraverse.punch.mapping import NatMapping
+    from nattraverse.punch.relayleg import RelayLeg
     from nattraverse.quic import QuicPath
     from nattraverse.rendezvous.client import Introduction, PeerInfo
 
-__all__ = ["UdpMethod", "udp_candidates"]
+__all__ = ["LATCH_TIMEOUT", "UdpMethod", "udp_candidates"]
+
+#: Seconds a punching socket waits for the rendezvous' UDP relay to answer its latch.
+LATCH_TIMEOUT = 3.0
 
 
 def udp_candidates(peer: PeerInfo) -> list[Candidate]:
@@ -79,6 +93,48 @@ def _remote(
     remote = udp_candidates(peer)
     remote.extend(Candidate.predicted(a) for a in predicted_ports(theirs, ours, caller=caller))
     return remote, ours, theirs, birthday_plan(ours, theirs)
+
+
+def _relay_leg(context: CallerContext) -> RelayLeg | None:
+    """The caller's relayed leg, when the race has one (:attr:`CallerContext.udp_relay_leg`)."""
+    from twisted.internet.defer import Deferred
+
+    from nattraverse.punch.relayleg import RelayLeg
+    from nattraverse.rendezvous.client import latch_udp_relay
+
+    udp = context.udp
+    if not context.udp_relay_leg or udp is None:
+        return None
+
+    async def open_leg() -> Endpoint:
+        port, token, _lifetime = await context.session.udp_relay(context.introduction.session)
+        return await latch_udp_relay(
+            context.reactor, context.session, udp.demux, port, token, LATCH_TIMEOUT
+        )
+
+    return RelayLeg(context.relay_delay, lambda: Deferred.fromCoroutine(open_leg()))
+
+
+def relay_offered(
+    context: CalleeContext, session: Any, introduction: bytes, port: int, token: bytes
+) -> bool:
+    """
+    Callee: the caller of *introduction* asked for the rendezvous' UDP
+    relay (``UdpRelayOffer``): latch the listener's punching socket to it,
+    for that introduction's session.
+
+    :param session: The listener's rendezvous session.
+    :returns: Whether a punching session took it.
+    """
+    from nattraverse.rendezvous.client import latch_udp_relay
+
+    udp = context.udp
+    if udp is None:
+        return False
+    return udp.relay_offered(
+        introduction,
+        lambda: latch_udp_relay(context.reactor, session, udp.demux, port, token, LATCH_TIMEOUT),
+    )
 
 
 def _explain(failure: Failure, ours: NatMapping, theirs: NatMapping) -> Failure:
@@ -137,6 +193,7 @@ class UdpMethod(TraversalMethod):
             remote=remote,
             timeout=context.timeout,
             birthday=plan,
+            relay=_relay_leg(context),
         )
         return result.addErrback(_explain, ours, theirs)
 

@@ -83,7 +83,16 @@ def natcat_argv(*arguments: str) -> list[str]:
 
 
 def reports(text: str) -> list[dict[str, Any]]:
-    """The ``--json-report`` objects in a natcat's standard error."""
+    """The ``--json-report`` objects in a natcat's standard error, one per connection."""
+    return [line for line in _json_lines(text) if not line.get("moved")]
+
+
+def moves(text: str) -> list[dict[str, Any]]:
+    """The ``--json-report`` objects of connections that moved off the UDP relay."""
+    return [line for line in _json_lines(text) if line.get("moved")]
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
@@ -304,6 +313,7 @@ def echo_through(
     quit_after: float = QUIT_AFTER,
     startup_timeout: float = STARTUP_TIMEOUT,
     timeout: float = TRANSFER_TIMEOUT,
+    moved: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     Send *payload_size* random bytes from *caller* through *callee*'s echo
@@ -317,6 +327,8 @@ def echo_through(
         after which it closes, once its standard input is at its end (more
         than the longest stall of the path, or the echo is cut short).
     :param timeout: Seconds the caller may take, connecting included.
+    :param moved: When given, gets the caller's, then the callee's,
+        reports of a connection that moved off the UDP relay.
     :returns: Both sides' JSON reports (the caller's, the callee's).
     """
     payload = os.urandom(payload_size)
@@ -341,6 +353,9 @@ def echo_through(
     assert len(run.stdout) == len(payload), f"{len(run.stdout)} bytes came back\n{detail}"
     assert run.stdout == payload, f"the bytes that came back differ\n{detail}"
     caller_reports, callee_reports = reports(run.stderr), callee_side.reports()
+    if moved is not None:
+        moved.extend(moves(run.stderr))
+        moved.extend(moves(callee_side.text()))
     assert len(caller_reports) == 1, detail
     assert len(callee_reports) == 1, detail
     # Each side names the other: the caller the callee's pinned id, the

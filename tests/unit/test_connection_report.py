@@ -224,6 +224,7 @@ def test_report_json_and_text() -> None:
         "started_ms": 0.0,
         "duration_ms": 700.0,
         "reason": "stopped when relay won",
+        "relayed": False,
     }
     assert data["upgrades"] == [
         {"at_ms": 2500.0, "from": "relay", "to": "udp", "remote": "203.0.113.5:20001"}
@@ -405,3 +406,26 @@ def test_without_the_second_observation_nothing_is_said() -> None:
     endpoint, _ = _endpoint(Clock(), [FakeMethod("udp")], FakeSession())
     local = gather(5000, ["10.0.0.2"], ("198.51.100.9", 20000))
     assert endpoint._nats(local, _with_udp(40000, 51234)) == (None, 0.5)
+
+
+def test_udp_through_the_relay_is_relayed_until_it_moves() -> None:
+    """udp winning through the UDP relay is relayed, says why, and is not once it moved."""
+    found = _report(
+        MethodAttempt("tcp", Outcome.FAILED, 0.0, 0.3, "connection refused"),
+        MethodAttempt("udp", Outcome.WON, 0.0, 0.62, relayed=True),
+        MethodAttempt("relay", Outcome.NOT_STARTED, relay=True),
+        connected=0.62,
+    )
+    assert found.relayed
+    why = found.why_relayed
+    assert why is not None
+    assert why.startswith("the rendezvous' UDP relay connected first, 620 ms after")
+    assert "udp (running for 620 ms)" in why
+    assert "to move the connection to a direct path" in why
+    assert "tcp failed after 300 ms: connection refused" in why
+    assert "through the rendezvous' UDP relay" in found.describe()
+    assert found.to_json()["attempts"][1]["relayed"] is True
+    moved = found.with_upgrade(Upgrade(1.9, "udp (relayed)", "udp", "203.0.113.5:20001"))
+    assert not moved.relayed
+    assert moved.why_relayed is None
+    assert "moved from udp (relayed) to udp (203.0.113.5:20001) at 1900 ms" in moved.describe()

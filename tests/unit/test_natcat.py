@@ -108,6 +108,7 @@ def test_report_is_one_json_line() -> None:
         "peer": "nt1example",
         "method": "relay",
         "remote": "192.0.2.10:8478",
+        "relayed": True,
         "connect_ms": 12.5,
     }
 
@@ -119,3 +120,23 @@ def test_prefer_tcp_is_for_connecting() -> None:
     assert float(kwargs["preferTcp"]) == 0.25
     with pytest.raises(SystemExit):
         _options("--listen", "bob", "-r", "tcp:h:1", "--prefer-tcp", "0.25")
+
+
+def test_a_moved_connection_gets_a_second_line() -> None:
+    """report_move writes the path as it is now, relayed no more, with "moved": true."""
+
+    class Transport:
+        peer_id = "nt1example"
+        method = "udp"
+        remote = "203.0.113.5:20001"
+        relayed = False
+
+    stream = io.StringIO()
+    natcat.report_move(stream, Transport())  # type: ignore[arg-type]
+    assert json.loads(stream.getvalue()) == {
+        "peer": "nt1example",
+        "method": "udp",
+        "remote": "203.0.113.5:20001",
+        "relayed": False,
+        "moved": True,
+    }
