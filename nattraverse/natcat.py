@@ -228,24 +228,7 @@ def report(stream: TextIO, transport: ITransport, connect_ms: float | None) -> N
     """
     Write the JSON line ``--json-report`` asks for.
     """
-    line: dict[str, Any] = {
-        "peer": str(getattr(transport, "peer_id", "")),
-        "method": getattr(transport, "method", "unknown"),
-        "remote": getattr(transport, "remote", ""),
-        "relayed": _relayed(transport),
-        "connect_ms": connect_ms,
-    }
-    race = getattr(transport, "report", None)
-    if race is not None:
-        line["race"] = race.to_json()
-    stream.write(json.dumps(line) + "\n")
-    stream.flush()
-
-
-def _relayed(transport: ITransport) -> bool:
-    """Whether *transport* goes through a relay: the TCP relay, or the UDP relay now."""
-    method = getattr(transport, "method", "")
-    return method == "relay" or bool(getattr(transport, "relayed", False))
+    _write(stream, _describe(transport, connect_ms=connect_ms))
 
 
 def report_move(stream: TextIO, transport: ITransport) -> None:
@@ -255,16 +238,27 @@ def report_move(stream: TextIO, transport: ITransport) -> None:
     keys as :func:`report` (``remote`` and ``relayed`` as they are now,
     ``race`` with its ``upgrades``), and ``"moved": true``.
     """
+    _write(stream, _describe(transport, moved=True))
+
+
+def _describe(transport: ITransport, **extra: Any) -> dict[str, Any]:
+    """The keys both lines share, *extra* before ``race``."""
+    method = getattr(transport, "method", "unknown")
     line: dict[str, Any] = {
         "peer": str(getattr(transport, "peer_id", "")),
-        "method": getattr(transport, "method", "unknown"),
+        "method": method,
         "remote": getattr(transport, "remote", ""),
-        "relayed": _relayed(transport),
-        "moved": True,
+        # The TCP relay, or the rendezvous' UDP relay now.
+        "relayed": method == "relay" or bool(getattr(transport, "relayed", False)),
+        **extra,
     }
     race = getattr(transport, "report", None)
     if race is not None:
         line["race"] = race.to_json()
+    return line
+
+
+def _write(stream: TextIO, line: dict[str, Any]) -> None:
     stream.write(json.dumps(line) + "\n")
     stream.flush()
 
@@ -281,8 +275,7 @@ def report_failure(stream: TextIO, error: BaseException) -> None:
         "error": str(error),
         "race": None if race is None else race.to_json(),
     }
-    stream.write(json.dumps(line) + "\n")
-    stream.flush()
+    _write(stream, line)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -254,12 +254,14 @@ class PunchSession:
             "still looking for a direct pair",
             session=self._label,
         )
-        self._take_over(path)
-        for child in self._child_sessions():
-            child._take_over(path)
+        self.upgrading = path
         self.finished = True
         path.on_terminated.append(self._relayed_path_ended)
         self.result.callback(path)
+        # A direct handshake under way gives way (the caller moves to its pair).
+        for session in [self, *self._child_sessions()]:
+            if not self.ended:
+                session._take_over(path)
         self._maybe_fail()  # the checks may have failed already: nothing to upgrade to
 
     def _take_over(self, path: QuicPath) -> None:
@@ -267,6 +269,8 @@ class PunchSession:
         Carry *path* from now on: drop a direct handshake under way; the
         caller moves *path* to that handshake's pair at once (validated).
         """
+        if self.ended:
+            return
         self.upgrading = path
         direct, self.path = self.path, None
         if direct is None:

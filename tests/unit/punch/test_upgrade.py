@@ -208,7 +208,7 @@ def punch(
     )
     results: dict[str, Any] = {}
     called.addBoth(lambda r: results.setdefault("caller", (r, network.clock.seconds())))
-    answered.addBoth(lambda r: results.setdefault("callee", r))
+    answered.addBoth(lambda r: results.update(callee=r))
     deadline = start + timeout + 1
     while "caller" not in results and network.clock.seconds() < deadline:
         network.run(0.05)
