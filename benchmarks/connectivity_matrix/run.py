@@ -103,14 +103,28 @@ class PairOutcome:
         return [str(race["why_relayed"]) for race in self.races if race.get("why_relayed")]
 
     @property
+    def winners(self) -> list[str]:
+        """
+        Each run's winner, ``"udp+relay"`` when the ``udp`` method connected
+        through the rendezvous' UDP relay (the callers close at once, so such
+        a connection never gets to move to a direct path here).
+        """
+        return [
+            str(report.get("method"))
+            + ("+relay" if report.get("relayed") and report.get("method") != "relay" else "")
+            for report in self.result.reports
+        ]
+
+    @property
     def method(self) -> str:
-        """The method that won most often (``-`` when none did)."""
-        return statistics.mode(self.methods) if self.methods else "-"
+        """The winner of most runs (``-`` when none won)."""
+        return statistics.mode(self.winners) if self.winners else "-"
 
     @property
     def direct(self) -> bool:
         """Whether the pair connected, mostly, without a relay."""
-        return bool(self.methods) and self.method not in RELAY_METHODS
+        method = self.method
+        return method != "-" and method not in RELAY_METHODS and not method.endswith("+relay")
 
     @property
     def ratio(self) -> float | None:
