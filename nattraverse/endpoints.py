@@ -451,10 +451,15 @@ class PunchClientEndpoint:
         return protocol
 
     def _udp_relay_leg(self, session: RendezvousSession, udp: Any) -> bool:
-        """Whether the ``udp`` method races with a relayed leg (see :class:`CallerContext`)."""
+        """
+        Whether the ``udp`` method races with a relayed leg (see
+        :class:`CallerContext`): when the relay is enabled too, and the
+        rendezvous relays UDP.
+        """
+        names = {m.name for m in self._methods}
         return (
             udp is not None
-            and any(m.name == "udp" for m in self._methods)
+            and {"udp", "relay"} <= names  # methods=udp alone means direct UDP only
             and bool(getattr(session, "udp_relay_available", False))
         )
 
