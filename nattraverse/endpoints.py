@@ -460,7 +460,7 @@ class PunchClientEndpoint:
         return (
             udp is not None
             and {"udp", "relay"} <= names  # methods=udp alone means direct UDP only
-            and bool(getattr(session, "udp_relay_available", False))
+            and session.udp_relay_available
         )
 
     def _watch_upgrade(

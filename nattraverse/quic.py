@@ -399,11 +399,6 @@ class QuicPath:
             return True
         return self._connection.owns_destination(datagram)
 
-    @property
-    def addresses(self) -> tuple[Address, ...]:
-        """Every address the path takes datagrams from: :attr:`remote` first."""
-        return ((self.remote[0], self.remote[1]), *sorted(self._former))
-
     def _new_connection(self, original_destination: bytes | None = None) -> _PinnedConnection:
         connection = _PinnedConnection(
             configuration=self._configuration,

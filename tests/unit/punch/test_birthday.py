@@ -8,7 +8,6 @@ one, in both roles).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from nattraverse.punch.birthday import (
     random_ports,
     success_probability,
 )
-from nattraverse.punch.candidates import Candidate, gather
+from nattraverse.punch.candidates import Candidate
 from nattraverse.punch.checks import (
     CheckConfig,
     CheckMachine,
@@ -38,19 +37,17 @@ from nattraverse.punch.checks import (
     encode_check,
 )
 from nattraverse.punch.mapping import MappingKind, NatMapping
-from nattraverse.punch.port import PunchingPort
 from nattraverse.quic import QuicPath
 from nattraverse.secure import PathSecrets
 from nattraverse.stun.attributes import XorMappedAddress
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode
-from nattraverse.stun.server import StunServer
-from nattraverse.testing import Network, SimulatedHost
+from nattraverse.testing import Network
 from tests.deferreds import failure_of
+from tests.unit.punch.sim_peers import NatPeer, close_peers, nat_peer, stun_network
 
 SECRET = b"b" * 32
 SESSION = b"j" * 16
-STUN = Endpoint("192.0.2.1", 3478)
 HARD = Endpoint("203.0.113.7", 40000)
 EASY = Endpoint("198.51.100.9", 5000)
 
@@ -271,59 +268,19 @@ def test_budget_failure_after_the_spray_ends() -> None:
 # -- on the simulated network -------------------------------------------------------
 
 
-@dataclass
-class Peer:
-    host: SimulatedHost
-    identity: Identity
-    port: PunchingPort
-    candidates: list[Candidate]
-    nat: str
-
-
-def make_network(seed: str) -> Network:
-    network = Network(seed=seed)
-    stun = network.host("stun", address=STUN.host)
-    server = StunServer(
-        stun.reactor, interface=STUN.host, port=STUN.port, tcp=False, fast_path=False
-    )
-    server.startService()
-    return network
-
-
-def peer(network: Network, name: str, preset: str, config: BirthdayConfig | None = None) -> Peer:
-    host = network.host(name, network.nat(f"nat-{name}", preset=preset).lan)
-    identity = Identity.generate(now=network.clock.seconds())
-    port = PunchingPort(
-        host.reactor,
-        identity,
-        random_bytes=network.random("punch", name).randbytes,
-        birthday=config,
-    )
-    bound = port.start()
-    response = network.run_until(port.demux.client.binding(STUN))
-    assert response.mapped_address is not None
-    return Peer(
-        host,
-        identity,
-        port,
-        gather(bound.port, [host.address], response.mapped_address),
-        preset,
-    )
-
-
-def plan(of: Peer, other: Peer) -> BirthdayPlan:
+def plan(of: NatPeer, other: NatPeer) -> BirthdayPlan:
     """*of*'s plan: hard behind the symmetric NAT, easy behind the port-restricted one."""
     srflx = other.candidates[-1].address
     role = BirthdayRole.HARD if of.nat == "symmetric" else BirthdayRole.EASY
     return BirthdayPlan(role, srflx)
 
 
-def secrets(of: Peer) -> PathSecrets:
+def secrets(of: NatPeer) -> PathSecrets:
     return PathSecrets(session=SESSION, secret=SECRET, expected=of.identity.peer_id, method="udp")
 
 
 def punch(
-    network: Network, caller: Peer, callee: Peer, timeout: float = 30.0
+    network: Network, caller: NatPeer, callee: NatPeer, timeout: float = 30.0
 ) -> tuple[QuicPath | Failure, QuicPath | Failure, float]:
     """Both sides with their plans; the caller's result, the callee's, the caller's time."""
     start = network.clock.seconds()
@@ -355,24 +312,12 @@ def punch(
     return mine, results["callee"][0], results["caller"][1] - start
 
 
-def close(network: Network, *peers: Peer) -> None:
-    """Close the ports; nothing is left on any host."""
-    for p in peers:
-        p.port.close()
-    network.run(5)
-    for p in peers:
-        assert p.port.sessions == 0
-        assert p.port.paths == 0
-        assert p.host.ports == ()
-        assert p.host.reactor.getDelayedCalls() == []
-
-
 @pytest.mark.parametrize("hard_calls", [True, False], ids=["hard-caller", "easy-caller"])
 def test_random_symmetric_meets_port_restricted(hard_calls: bool) -> None:
     """The pair plain punching cannot serve connects, the hard side's QUIC on a birthday socket."""
-    network = make_network(f"birthday-{hard_calls}")
-    hard = peer(network, "hard", "symmetric")
-    easy = peer(network, "easy", "port-restricted")
+    network = stun_network(f"birthday-{hard_calls}")
+    hard = nat_peer(network, "hard", "symmetric")
+    easy = nat_peer(network, "easy", "port-restricted")
     caller, callee = (hard, easy) if hard_calls else (easy, hard)
     mine, theirs, took = punch(network, caller, callee)
     assert isinstance(mine, QuicPath), mine
@@ -387,14 +332,14 @@ def test_random_symmetric_meets_port_restricted(hard_calls: bool) -> None:
     assert len(hard.host.ports) == (2 if on_child else 1)
     assert hard.port.paths == 1
     assert took < CheckConfig().deadline
-    close(network, hard, easy)
+    close_peers(network, hard, easy)
 
 
 def test_the_hard_socket_closes_with_its_path() -> None:
     """When the connection ends, the birthday socket carrying it closes too."""
-    network = make_network("birthday-end")
-    hard = peer(network, "hard", "symmetric")
-    easy = peer(network, "easy", "port-restricted")
+    network = stun_network("birthday-end")
+    hard = nat_peer(network, "hard", "symmetric")
+    easy = nat_peer(network, "easy", "port-restricted")
     mine, theirs, _ = punch(network, hard, easy)
     assert isinstance(mine, QuicPath)
     assert isinstance(theirs, QuicPath)
@@ -408,15 +353,15 @@ def test_the_hard_socket_closes_with_its_path() -> None:
     assert hard.host.ports == ()
     assert hard.port.paths == 0
     assert hard.host.reactor.getDelayedCalls() == []
-    close(network, easy)
+    close_peers(network, easy)
 
 
 def test_a_small_budget_fails_saying_what_was_tried() -> None:
     """Too few sockets and probes: both sides fail within the deadline, counting them."""
     config = BirthdayConfig(sockets=2, probes=20)
-    network = make_network("birthday-small")
-    hard = peer(network, "hard", "symmetric", config)
-    easy = peer(network, "easy", "port-restricted", config)
+    network = stun_network("birthday-small")
+    hard = nat_peer(network, "hard", "symmetric", config)
+    easy = nat_peer(network, "easy", "port-restricted", config)
     mine, theirs, took = punch(network, easy, hard)
     assert isinstance(mine, Failure)
     assert isinstance(theirs, Failure)
@@ -426,14 +371,14 @@ def test_a_small_budget_fails_saying_what_was_tried() -> None:
     assert "birthday probing: 2 of 2 sockets sent a check" in str(theirs.value)
     assert "none was reached" in str(theirs.value)
     assert took <= CheckConfig().deadline + 0.1
-    close(network, hard, easy)
+    close_peers(network, hard, easy)
 
 
 @pytest.mark.parametrize("when", [0.2, 1.0], ids=["before-probing", "while-probing"])
 def test_cancel_leaves_no_socket_or_timer(when: float) -> None:
     """Cancelling the hard side's punch closes its sockets and cancels its timers."""
-    network = make_network(f"birthday-cancel-{when}")
-    hard = peer(network, "hard", "symmetric")
+    network = stun_network(f"birthday-cancel-{when}")
+    hard = nat_peer(network, "hard", "symmetric")
     d = hard.port.call(
         PathSecrets(SESSION, SECRET, Identity.generate().peer_id, "udp"),
         local=hard.candidates,
@@ -448,14 +393,14 @@ def test_cancel_leaves_no_socket_or_timer(when: float) -> None:
     network.run(1)
     assert hard.host.ports == (hard.port._listening,)
     assert hard.host.reactor.getDelayedCalls() == []
-    close(network, hard)
+    close_peers(network, hard)
 
 
 def test_no_probing_when_the_checks_reach_the_peer() -> None:
     """Behind a full-cone NAT the plain checks connect: no socket opened, no probe sent."""
-    network = make_network("birthday-cone")
-    hard = peer(network, "hard", "symmetric")
-    easy = peer(network, "easy", "full-cone")
+    network = stun_network("birthday-cone")
+    hard = nat_peer(network, "hard", "symmetric")
+    easy = nat_peer(network, "easy", "full-cone")
     hard_plan = BirthdayPlan(BirthdayRole.HARD, easy.candidates[-1].address)
     answered = easy.port.answer(
         secrets(hard),
@@ -480,4 +425,4 @@ def test_no_probing_when_the_checks_reach_the_peer() -> None:
     network.run(2)
     assert len(hard.host.ports) == 1
     assert answered.called
-    close(network, hard, easy)
+    close_peers(network, hard, easy)

@@ -21,22 +21,18 @@ from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed
-from nattraverse.identity import Identity
 from nattraverse.punch.birthday import BirthdayPlan, BirthdayRole
-from nattraverse.punch.candidates import Candidate, gather
-from nattraverse.punch.port import PunchingPort
 from nattraverse.punch.relayleg import RelayLeg
 from nattraverse.quic import QuicPath
 from nattraverse.secure import PathSecrets
 from nattraverse.stun.attributes import XorMappedAddress
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode, is_stun
-from nattraverse.stun.server import StunServer
-from nattraverse.testing import Network, SimulatedHost
+from nattraverse.testing import Network
+from tests.unit.punch.sim_peers import NatPeer, close_peers, nat_peer, stun_network
 
 SECRET = b"u" * 32
 SESSION = b"v" * 16
-STUN = Endpoint("192.0.2.1", 3478)
 RELAY = Endpoint("192.0.2.1", 40000)
 MEGABYTE = 1024 * 1024
 
@@ -69,44 +65,18 @@ class FakeRelay(DatagramProtocol):
             self.transport.write(data, other)  # type: ignore[union-attr]
 
 
-@dataclass
-class Peer:
-    host: SimulatedHost
-    identity: Identity
-    port: PunchingPort
-    candidates: list[Candidate]
-    nat: str
-    opened: list[float] = field(default_factory=list)
-
-
 def make_network(seed: str) -> tuple[Network, FakeRelay]:
-    network = Network(seed=seed)
-    stun = network.host("stun", address=STUN.host)
-    StunServer(
-        stun.reactor, interface=STUN.host, port=STUN.port, tcp=False, fast_path=False
-    ).startService()
+    network = stun_network(seed)
     relay = FakeRelay()
-    stun.reactor.listenUDP(RELAY.port, relay, interface=RELAY.host)
+    network.hosts["stun"].reactor.listenUDP(RELAY.port, relay, interface=RELAY.host)
     return network, relay
 
 
-def peer(network: Network, name: str, preset: str) -> Peer:
-    host = network.host(name, network.nat(f"nat-{name}", preset=preset).lan)
-    identity = Identity.generate(now=network.clock.seconds())
-    port = PunchingPort(host.reactor, identity, random_bytes=network.random("up", name).randbytes)
-    bound = port.start()
-    response = network.run_until(port.demux.client.binding(STUN))
-    assert response.mapped_address is not None
-    return Peer(
-        host, identity, port, gather(bound.port, [host.address], response.mapped_address), preset
-    )
-
-
-def opener(network: Network, of: Peer) -> Any:
+def opener(of: NatPeer, opened: list[str]) -> Any:
     """Latch *of*'s punching socket to the relay (what the rendezvous' client does)."""
 
     def open_leg() -> Deferred[Endpoint]:
-        of.opened.append(network.clock.seconds())
+        opened.append(of.host.name)
         latched: Deferred[Endpoint] = of.port.demux.client.binding(RELAY).addCallback(
             lambda _: RELAY
         )
@@ -115,7 +85,7 @@ def opener(network: Network, of: Peer) -> Any:
     return open_leg
 
 
-def birthday_plan(of: Peer, other: Peer) -> BirthdayPlan | None:
+def birthday_plan(of: NatPeer, other: NatPeer) -> BirthdayPlan | None:
     if {of.nat, other.nat} != {"symmetric", "port-restricted"}:
         return None
     role = BirthdayRole.HARD if of.nat == "symmetric" else BirthdayRole.EASY
@@ -164,6 +134,7 @@ class Outcome:
     caller: QuicPath | Failure
     callee: QuicPath | Failure
     took: float
+    opened: list[str]
     relayed: bool = False
     moves: list[tuple[float, tuple[str, int], tuple[str, int]]] = field(default_factory=list)
     sender: Sender | None = None
@@ -172,8 +143,8 @@ class Outcome:
 
 def punch(
     network: Network,
-    caller: Peer,
-    callee: Peer,
+    caller: NatPeer,
+    callee: NatPeer,
     *,
     delay: float = 0.0,
     send: int = 0,
@@ -189,8 +160,9 @@ def punch(
         timeout=timeout,
         birthday=birthday_plan(callee, caller),
     )
-    callee_opener = opener(network, callee)
-    to_relay = caller_opener or opener(network, caller)
+    opened: list[str] = []
+    callee_opener = opener(callee, opened)
+    to_relay = caller_opener or opener(caller, opened)
 
     def open_both() -> Deferred[Endpoint]:
         # What the rendezvous does: answer the caller, offer the callee.
@@ -213,7 +185,9 @@ def punch(
     while "caller" not in results and network.clock.seconds() < deadline:
         network.run(0.05)
     mine = results["caller"][0]
-    outcome = Outcome(mine, Failure(AssertionError("no answer")), results["caller"][1] - start)
+    outcome = Outcome(
+        mine, Failure(AssertionError("no answer")), results["caller"][1] - start, opened
+    )
     if isinstance(mine, QuicPath):
         outcome.relayed = mine.relayed
         mine.on_moved.append(
@@ -230,24 +204,12 @@ def punch(
     return outcome
 
 
-def close(network: Network, *peers: Peer) -> None:
-    """Close the ports; nothing is left on any host."""
-    for p in peers:
-        p.port.close()
-    network.run(5)
-    for p in peers:
-        assert p.port.sessions == 0
-        assert p.port.paths == 0
-        assert p.host.ports == ()
-        assert p.host.reactor.getDelayedCalls() == []
-
-
 @pytest.mark.parametrize("hard_calls", [True, False], ids=["hard-caller", "easy-caller"])
 def test_relayed_connection_moves_to_birthday_path_during_transfer(hard_calls: bool) -> None:
     """The relay connects first; birthday probing finds a direct path; 1 MiB arrives intact."""
     network, relay = make_network(f"upgrade-{hard_calls}")
-    hard = peer(network, "hard", "symmetric")
-    easy = peer(network, "easy", "port-restricted")
+    hard = nat_peer(network, "hard", "symmetric")
+    easy = nat_peer(network, "easy", "port-restricted")
     caller, callee = (hard, easy) if hard_calls else (easy, hard)
     result = punch(network, caller, callee, send=MEGABYTE)
     assert isinstance(result.caller, QuicPath), result.caller
@@ -272,14 +234,14 @@ def test_relayed_connection_moves_to_birthday_path_during_transfer(hard_calls: b
     forwarded = relay.forwarded
     network.run(1)
     assert relay.forwarded == forwarded  # nothing goes through the relay any more
-    close(network, hard, easy)
+    close_peers(network, hard, easy)
 
 
 def test_pair_beyond_prediction_stays_relayed() -> None:
     """Two random symmetric NATs: connected through the relay; the checks end; it stays."""
     network, relay = make_network("upgrade-sym")
-    caller = peer(network, "a", "symmetric")
-    callee = peer(network, "b", "symmetric")
+    caller = nat_peer(network, "a", "symmetric")
+    callee = nat_peer(network, "b", "symmetric")
     result = punch(network, caller, callee, send=64 * 1024)
     assert isinstance(result.caller, QuicPath), result.caller
     assert isinstance(result.callee, QuicPath), result.callee
@@ -292,29 +254,28 @@ def test_pair_beyond_prediction_stays_relayed() -> None:
     assert result.receiver is not None
     assert len(result.receiver.data) == 64 * 1024
     assert relay.forwarded > 0
-    close(network, caller, callee)
+    close_peers(network, caller, callee)
 
 
 def test_direct_path_wins_before_the_relay_is_asked_for() -> None:
     """Behind full-cone NATs the checks connect within the head start: no relay at all."""
     network, relay = make_network("upgrade-cone")
-    caller = peer(network, "a", "full-cone")
-    callee = peer(network, "b", "full-cone")
+    caller = nat_peer(network, "a", "full-cone")
+    callee = nat_peer(network, "b", "full-cone")
     result = punch(network, caller, callee, delay=0.5)
     assert isinstance(result.caller, QuicPath), result.caller
     assert not result.caller.relayed
     network.run(2)
-    assert caller.opened == []
-    assert callee.opened == []
+    assert result.opened == []
     assert relay.latched == []
-    close(network, caller, callee)
+    close_peers(network, caller, callee)
 
 
 def test_failed_leg_and_checks_fail_saying_both() -> None:
     """No relay and no direct pair: the failure names the relayed leg's error too."""
     network, _ = make_network("upgrade-fail")
-    caller = peer(network, "a", "symmetric")
-    callee = peer(network, "b", "symmetric")
+    caller = nat_peer(network, "a", "symmetric")
+    callee = nat_peer(network, "b", "symmetric")
 
     def refused() -> Deferred[Endpoint]:
         return fail(RuntimeError("the relay is off on this rendezvous"))
@@ -323,14 +284,14 @@ def test_failed_leg_and_checks_fail_saying_both() -> None:
     assert isinstance(result.caller, Failure)
     result.caller.trap(PunchChecksFailed)
     assert "relayed leg: the relay is off on this rendezvous" in str(result.caller.value)
-    close(network, caller, callee)
+    close_peers(network, caller, callee)
 
 
 def test_closing_the_relayed_connection_stops_the_checks() -> None:
     """The application closes a relayed connection: the session stops at once, nothing left."""
     network, _ = make_network("upgrade-close")
-    caller = peer(network, "a", "symmetric")
-    callee = peer(network, "b", "symmetric")
+    caller = nat_peer(network, "a", "symmetric")
+    callee = nat_peer(network, "b", "symmetric")
     result = punch(network, caller, callee)
     assert isinstance(result.caller, QuicPath)
     assert caller.port.sessions == 1  # still checking, to upgrade
@@ -338,4 +299,4 @@ def test_closing_the_relayed_connection_stops_the_checks() -> None:
     result.caller._transport.loseConnection()
     network.run(5)
     assert caller.port.sessions == 0
-    close(network, caller, callee)
+    close_peers(network, caller, callee)
