@@ -13,6 +13,13 @@ plus one peer round trip), and, when the relay won, why (the connection
 report's ``why_relayed``); then how many pairs connected and how many
 directly.  The issue's goal: 25/25 connected, 22/25 direct.
 
+Each caller keeps its connection ``--hold`` seconds (natcat's
+``--quit-after``) before it closes, so that a connection made through the
+rendezvous' UDP relay has time to move to a direct path (relay first, then
+upgrade).  Such a pair counts as direct when it moved (winner ``udp (moved)``,
+and the time of the move after the introduction is printed); one that stays
+on the UDP relay is ``udp+relay``.
+
 Root only; every lab, with every process started in it, is removed on
 exit, on Ctrl-C and on SIGTERM.  Traffic stays inside the lab.
 """
@@ -65,6 +72,16 @@ ALL_METHODS = "direct,reversal,tcp,udp,relay"
 RELAY_METHODS = {"relay"}
 DEFAULT_RUNS = 3
 DEFAULT_DELAY_MS = 10.0
+#: Seconds each caller keeps its connection: time to move off the UDP relay.
+DEFAULT_HOLD = 4.0
+
+
+def _winner(report: dict[str, Any]) -> str:
+    """One run's winner, as its connection ended (see :attr:`PairOutcome.winners`)."""
+    method = str(report.get("method"))
+    if method == "relay" or not report.get("relayed"):
+        return method
+    return f"{method} (moved)" if report.get("move") else f"{method}+relay"
 
 
 @dataclass(frozen=True)
@@ -105,14 +122,19 @@ class PairOutcome:
     @property
     def winners(self) -> list[str]:
         """
-        Each run's winner, ``"udp+relay"`` when the ``udp`` method connected
-        through the rendezvous' UDP relay (the callers close at once, so such
-        a connection never gets to move to a direct path here).
+        Each run's winner, as the connection ended: ``"udp+relay"`` when the
+        ``udp`` method connected through the rendezvous' UDP relay and stayed
+        there, ``"udp (moved)"`` when such a connection moved to a direct path.
         """
+        return [_winner(report) for report in self.result.reports]
+
+    @property
+    def moved_ms(self) -> list[float]:
+        """When each connection that moved off the UDP relay moved (after the introduction)."""
         return [
-            str(report.get("method"))
-            + ("+relay" if report.get("relayed") and report.get("method") != "relay" else "")
+            float(upgrade["at_ms"])
             for report in self.result.reports
+            for upgrade in ((report.get("move") or {}).get("race") or {}).get("upgrades", [])[:1]
         ]
 
     @property
@@ -137,8 +159,13 @@ class PairOutcome:
         return None if median is None else float(median)
 
 
-def measure(pair: tuple[str, str], *, runs: int, delay_ms: float) -> PairOutcome:
-    """One pair's lab, *runs* callers with every method (time_to_connect's measure_pair)."""
+def measure(
+    pair: tuple[str, str], *, runs: int, delay_ms: float, hold: float = DEFAULT_HOLD
+) -> PairOutcome:
+    """
+    One pair's lab, *runs* callers with every method, each holding its
+    connection *hold* seconds (time_to_connect's measure_pair).
+    """
     return PairOutcome(
         TTC.measure_pair(
             pair,
@@ -147,23 +174,27 @@ def measure(pair: tuple[str, str], *, runs: int, delay_ms: float) -> PairOutcome
             warmup=0,
             delay_ms=delay_ms,
             rendezvous_delay_ms=delay_ms,
+            hold=hold,
         )
     )
 
 
-def format_report(outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int) -> str:
+def format_report(
+    outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int, hold: float = DEFAULT_HOLD
+) -> str:
     """Per pair: winner, median time against the bound; then the shares."""
     lines = [
-        f"every method ({ALL_METHODS}), {runs} run(s) per pair; one-way delay {delay_ms:g} ms "
-        "on every WAN link; bound = introduction at both peers + 1 peer round trip",
+        f"every method ({ALL_METHODS}), {runs} run(s) per pair, each connection held "
+        f"{hold:g} s; one-way delay {delay_ms:g} ms on every WAN link; "
+        "bound = introduction at both peers + 1 peer round trip",
         "",
-        f"{'pair (callee/caller)':<44}{'winner':<10}{'runs':>5}{'median ms':>11}"
+        f"{'pair (callee/caller)':<44}{'winner':<13}{'runs':>5}{'median ms':>11}"
         f"{'bound ms':>10}{'ratio':>8}",
     ]
     for o in outcomes:
         median, ratio = o.median, o.ratio
         lines.append(
-            f"{o.pair:<44}{o.method:<10}{len(o.connect_ms):>5}"
+            f"{o.pair:<44}{o.method:<13}{len(o.connect_ms):>5}"
             f"{'-' if median is None else f'{median:.1f}':>11}{o.bound_ms:>10.0f}"
             f"{'-' if ratio is None else f'{ratio:.2f}x':>8}"
         )
@@ -175,7 +206,14 @@ def format_report(outcomes: Sequence[PairOutcome], *, delay_ms: float, runs: int
         "(goal: 25/25 connected, 22/25 direct)",
     ]
     for o in outcomes:
-        if o.why_relayed:
+        if o.moved_ms:
+            lines.append(
+                f"{o.pair} moved off the UDP relay to a direct path in {len(o.moved_ms)} of "
+                f"{len(o.connect_ms)} run(s), median {statistics.median(o.moved_ms):.0f} ms "
+                "after the introduction"
+            )
+    for o in outcomes:
+        if o.why_relayed and not o.direct:
             lines.append(f"{o.pair} relayed because {o.why_relayed[0]}")
     for o in outcomes:
         lines += [f"{o.pair}: {failure}" for failure in o.failures]
@@ -200,12 +238,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_DELAY_MS,
         help="one-way delay of every WAN link (default: %(default)s)",
     )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=DEFAULT_HOLD,
+        help="seconds each caller keeps its connection, time to move off the UDP relay "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 20:
         parser.error("--runs must be from 1 to 20")
     if not 0 <= args.delay_ms <= 1000:
         parser.error("--delay-ms must be from 0 to 1000")
+    if not 0 <= args.hold <= 20:
+        parser.error("--hold must be from 0 to 20")
     if args.pairs is None:
         args.pair_list = [(a.value, b.value) for a in KINDS for b in KINDS]
     else:
@@ -226,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        outcomes = [measure(p, runs=args.runs, delay_ms=args.delay_ms) for p in args.pair_list]
+        outcomes = [
+            measure(p, runs=args.runs, delay_ms=args.delay_ms, hold=args.hold)
+            for p in args.pair_list
+        ]
     except TTC.BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -239,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "methods": ALL_METHODS,
                     "delay_ms": args.delay_ms,
+                    "hold": args.hold,
                     "seconds": time.monotonic() - started,
                     "pairs": [
                         {
@@ -246,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "winner": o.method,
                             "direct": o.direct,
                             "connect_ms": o.connect_ms,
+                            "moved_ms": o.moved_ms,
                             "methods": o.methods,
                             "bound_ms": o.bound_ms,
                             "ratio": o.ratio,
@@ -260,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     else:
-        print(format_report(outcomes, delay_ms=args.delay_ms, runs=args.runs))
+        print(format_report(outcomes, delay_ms=args.delay_ms, runs=args.runs, hold=args.hold))
     return 1 if any(o.failures for o in outcomes) else 0
 
 

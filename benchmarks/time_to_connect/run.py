@@ -46,6 +46,7 @@ from tests.lab.punch_support import (  # noqa: E402 (needs the repository on sys
     RENDEZVOUS,
     RENDEZVOUS_ADDRESS,
     listener,
+    moves,
     natcat_argv,
     rendezvous,
     reports,
@@ -162,8 +163,13 @@ def measure_pair(
     delay_ms: float,
     rendezvous_delay_ms: float,
     inbound: str = DEFAULT_INBOUND,
+    hold: float = 0.0,
 ) -> PairResult:
-    """Build the lab of one pair, time *warmup* + *runs* callers, remove the lab."""
+    """
+    Build the lab of one pair, time *warmup* + *runs* callers, remove the lab.
+
+    Each caller keeps its connection *hold* seconds (see :func:`run_caller`).
+    """
     with Lab() as lab:
         try:
             server = lab.public_host("rendezvous", RENDEZVOUS_ADDRESS, delay_ms=rendezvous_delay_ms)
@@ -186,7 +192,8 @@ def measure_pair(
                 ):
                     succeeded = False
                     for index in range(warmup + runs):
-                        if _run_caller(caller, method_args, result, counted=index >= warmup):
+                        counted = index >= warmup
+                        if _run_caller(caller, method_args, result, counted=counted, hold=hold):
                             succeeded = True
                         elif not succeeded:
                             result.failures.append("gave up on this pair: its first run failed")
@@ -197,13 +204,18 @@ def measure_pair(
 
 
 def _run_caller(
-    caller: Node, method_args: Sequence[str], result: PairResult, *, counted: bool
+    caller: Node,
+    method_args: Sequence[str],
+    result: PairResult,
+    *,
+    counted: bool,
+    hold: float = 0.0,
 ) -> bool:
     """
-    One ``natcat alice`` that connects and quits at once; its connect_ms
-    goes to *result* when *counted*.  Returns whether it connected.
+    One ``natcat alice`` that connects and quits after *hold* seconds; its
+    connect_ms goes to *result* when *counted*.  Returns whether it connected.
     """
-    report, failure = run_caller(caller, method_args)
+    report, failure = run_caller(caller, method_args, hold=hold)
     if report is None:
         result.failures.append(failure or "no report")
         return False
@@ -215,16 +227,19 @@ def _run_caller(
 
 
 def run_caller(
-    caller: Node, method_args: Sequence[str]
+    caller: Node, method_args: Sequence[str], *, hold: float = 0.0
 ) -> tuple[dict[str, Any] | None, str | None]:
     """
-    Run one ``natcat alice --json-report --quit-after 0`` on *caller*.
+    Run one ``natcat alice --json-report --quit-after HOLD`` on *caller*: it
+    connects, sends nothing and closes *hold* seconds later, time for a
+    connection made through the UDP relay to move to a direct path.
 
     :returns: Its JSON report and ``None`` when it connected; ``None`` and
-        why not otherwise.
+        why not otherwise.  When the connection moved off the relay, the
+        report's ``"move"`` is natcat's ``"moved"`` line.
     """
     argv = natcat_argv(
-        CALLEE_NAME, "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", "0",
+        CALLEE_NAME, "--rendezvous", RENDEZVOUS, "--json-report", "--quit-after", f"{hold:g}",
         *method_args,
     )  # fmt: skip
     process = caller.popen(
@@ -245,7 +260,8 @@ def run_caller(
     if process.returncode != 0 or not found or found[0].get("connect_ms") is None:
         why = [line for line in text.splitlines() if line.startswith("natcat: ")]
         return None, f"exit status {process.returncode}: {' '.join(why) or text.strip()[-300:]}"
-    return found[0], None
+    moved = moves(text)
+    return ({**found[0], "move": moved[0]} if moved else found[0]), None
 
 
 def run_benchmark(
