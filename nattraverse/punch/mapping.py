@@ -29,6 +29,17 @@ sum of the two sides' offsets ``d_a + d_b``; so any offsets summing to at
 most ``G`` give one matching pair, provided each side sends its probes
 before anything else it sends (:class:`~nattraverse.punch.checks.CheckMachine`
 sends predicted pairs first, at once).
+
+**TCP.**  The same NAT numbers its TCP mappings the same way, from the
+same counter or from one of their own: a TCP punching side probes the
+window ``t + k s`` after the peer's TCP punching port's observed mapping
+``t`` and the window ``b + k s`` after its latest UDP mapping ``b``
+(:func:`predicted_tcp_ports`).  Only a side whose own NAT maps independently
+of the destination probes: its one mapping is what the sequential peer's
+``connect()`` goes to, and the probe that matches the peer's new mapping
+completes a simultaneous open.  Two sequential sides would need the
+strided, strictly ordered probes of UDP, which a port's ``connect()`` calls
+and their kernel retransmissions cannot keep: not attempted over TCP.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ __all__ = [
     "infer_mapping",
     "own_mapping",
     "predicted_ports",
+    "predicted_tcp_ports",
 ]
 
 #: The sum of both sides' offsets (ports taken by other traffic since
@@ -154,6 +166,31 @@ def predicted_ports(peer: NatMapping, own: NatMapping, *, caller: bool) -> list[
         offsets = list(range(1, WINDOW + 1))
     ports = [base.port + k * step for k in offsets]
     return [Endpoint(base.host, port) for port in ports if 0 < port < 65536]
+
+
+def predicted_tcp_ports(observed: Endpoint, peer: NatMapping, own: NatMapping) -> list[Endpoint]:
+    """
+    The TCP ports this side probes after a sequential peer's, in order (see
+    the module docstring): the :data:`WINDOW` next steps after *observed*,
+    the peer's TCP punching port's mapping as the rendezvous observed it,
+    and, when *peer*'s latest UDP mapping is on the same host, after that
+    one too, interleaved, without repeats, *observed* itself and ports
+    outside 1-65535 left out.  Empty unless *peer* allocates sequentially
+    and this side's NAT does not map per destination.
+
+    :param observed: The peer's TCP punching port's public mapping.
+    :param peer: The peer's NAT mapping, as its UDP binding showed it.
+    :param own: This side's.
+    """
+    if peer.kind is not MappingKind.SEQUENTIAL or own.per_destination:
+        return []
+    step = peer.step
+    bases = [observed.port]
+    if peer.last is not None and peer.last.host == observed.host:
+        bases.append(peer.last.port)
+    ports = [base + k * step for k in range(1, WINDOW + 1) for base in bases]
+    unique = dict.fromkeys(port for port in ports if 0 < port < 65536 and port != observed.port)
+    return [Endpoint(observed.host, port) for port in unique]
 
 
 def own_mapping(local: Sequence[Candidate]) -> NatMapping:

@@ -154,6 +154,7 @@ class _Candidate:
 
     remote: Address
     isn: int | None = None
+    predicted: bool = False
     syns: int = 0
     primes: int = 0
     prime_next: bool = False
@@ -183,6 +184,24 @@ def _describe(e: BaseException | None) -> str:
     return str(e) or type(e).__name__
 
 
+def _summary(predicted: Sequence[_Candidate]) -> str:
+    """The predicted candidates' part of the failure, in one clause."""
+    outcomes: dict[str, int] = {}
+    for c in predicted:
+        outcome = _describe(c.last)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    ports = [c.remote[1] for c in predicted]
+    host = predicted[0].remote[0]
+    return (
+        f"{len(predicted)} predicted ports of {host} ({min(ports)}-{max(ports)}): "
+        + ", ".join(
+            f"{count} {outcome}"
+            for outcome, count in sorted(outcomes.items(), key=lambda item: -item[1])
+        )
+        + f" after {max(c.syns for c in predicted)} SYNs at most"
+    )
+
+
 class TcpPunch:
     """
     One TCP punching attempt from *port* to *remotes*: keeps connecting to
@@ -193,6 +212,9 @@ class TcpPunch:
         new connection, whichever way it was made.
     :param timeout: Seconds left for the whole connection; the punching
         stops at the earlier of it and the config's deadline.
+    :param predicted: More remote addresses, the peer's predicted next
+        mappings (:func:`~nattraverse.punch.mapping.predicted_tcp_ports`),
+        punched like *remotes* and summed up in the failure.
     """
 
     def __init__(
@@ -204,19 +226,25 @@ class TcpPunch:
         *,
         timeout: float,
         config: TcpPunchConfig | None = None,
+        predicted: Sequence[Address] = (),
     ) -> None:
         self._reactor = reactor
         self._port = port
         self.make_path = make_path
         self._config = config or TcpPunchConfig()
         self._seconds = min(timeout, self._config.deadline)
-        unique: list[Address] = []
-        for host, number in remotes:
-            if (host, number) not in unique:
-                unique.append((host, number))
+        unique: dict[Address, bool] = {}
+        for (host, number), guessed in [(r, False) for r in remotes] + [
+            (p, True) for p in predicted
+        ]:
+            unique.setdefault((host, number), guessed)
         self._candidates = [
-            _Candidate(remote, isn=secrets.randbits(32) if self._config.one_isn else None)
-            for remote in unique
+            _Candidate(
+                remote,
+                isn=secrets.randbits(32) if self._config.one_isn else None,
+                predicted=guessed,
+            )
+            for remote, guessed in unique.items()
         ]
         self._adopted: list[SecurePath] = []
         self._result: Deferred[SecurePath] | None = None
@@ -412,9 +440,14 @@ class TcpPunch:
         self._result.errback(self._failure())
 
     def _failure(self) -> BaseException:
+        named = [c for c in self._candidates if not c.predicted]
+        predicted = [c for c in self._candidates if c.predicted]
         detail = "; ".join(
-            f"{c.label()}: {_describe(c.last)} after {c.syns} SYN{'s' if c.syns != 1 else ''}"
-            for c in self._candidates
+            [
+                f"{c.label()}: {_describe(c.last)} after {c.syns} SYN{'s' if c.syns != 1 else ''}"
+                for c in named
+            ]
+            + ([_summary(predicted)] if predicted else [])
         )
         wrong = [c for c in self._candidates if isinstance(c.last, PeerAuthenticationFailed)]
         if wrong and all(c.given_up for c in self._candidates):
@@ -423,6 +456,12 @@ class TcpPunch:
             f"TCP hole punching failed: no connection within {self._seconds:g} s ({detail}); "
             "the NATs on the way let no SYN through: one maps each destination to a new "
             "port (symmetric) where the other filters by port, or both do"
+            + (
+                "; none of the peer's predicted next ports (its NAT allocates sequentially) "
+                "was the one its SYN came from"
+                if predicted
+                else ""
+            )
         )
 
     def _fail_now(self, text: str) -> None:
@@ -563,8 +602,14 @@ class TcpPunchingPort:
         make_path: Callable[[], SecurePath],
         *,
         timeout: float,
+        predicted: Sequence[Address] = (),
     ) -> Deferred[SecurePath]:
-        """Run a :class:`TcpPunch` to *remotes* (see there)."""
+        """
+        Run a :class:`TcpPunch` to *remotes* and *predicted* (see there); the
+        predicted addresses are cut to what the listener's SYN filter holds
+        besides *remotes* (:data:`~nattraverse.punch.synfilter.MAX_IGNORED`).
+        """
+        predicted = list(predicted)[: max(0, MAX_IGNORED - len(remotes))]
         punch = TcpPunch(
             self._reactor,
             self.shared,
@@ -572,11 +617,12 @@ class TcpPunchingPort:
             make_path,
             timeout=timeout,
             config=self.punch_config(),
+            predicted=predicted,
         )
         self.running = punch
         # Our listener ignores the candidates' SYNs while we connect to them:
         # each such 4-tuple is the simultaneous open's (see synfilter).
-        self._punching[punch] = list(remotes)
+        self._punching[punch] = [*remotes, *predicted]
         self._filter()
 
         def over(result: object) -> object:

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed
 from nattraverse.identity import Identity
+from nattraverse.methods.tcp import predicted_tcp
 from nattraverse.punch.candidates import Candidate, CandidateKind, PairClass, form_pairs, gather
 from nattraverse.punch.checks import CheckMachine, IceCredentials
 from nattraverse.punch.mapping import (
@@ -26,9 +27,11 @@ from nattraverse.punch.mapping import (
     infer_mapping,
     own_mapping,
     predicted_ports,
+    predicted_tcp_ports,
 )
 from nattraverse.punch.port import PunchingPort
 from nattraverse.quic import QuicPath
+from nattraverse.rendezvous._protocol import PeerInfo
 from nattraverse.secure import PathSecrets
 from nattraverse.stun.server import StunServer
 from nattraverse.testing import Network, SimulatedHost
@@ -133,6 +136,98 @@ def test_ports_outside_the_port_space_are_left_out() -> None:
     """Near the top of the port space, the window is cut short."""
     high = NatMapping(MappingKind.SEQUENTIAL, at(65530), 1)
     assert predicted_ports(high, EIM, caller=True) == [at(p) for p in range(65531, 65536)]
+
+
+# -- TCP --------------------------------------------------------------------------------
+
+
+def test_tcp_windows_follow_the_tcp_and_the_udp_mapping_interleaved() -> None:
+    """After the TCP mapping and the latest UDP one: both windows, step by step, no repeats."""
+    ports = predicted_tcp_ports(at(19990), SEQ, EIM)
+    assert ports[:4] == [at(19991), at(20001), at(19992), at(20002)]
+    assert len(ports) == len(set(ports)) == WINDOW + 10  # the windows overlap from 20001 on
+    assert set(ports) == {at(p) for p in range(19991, 20000 + WINDOW + 1)}
+
+
+def test_tcp_window_alone_when_the_udp_mapping_is_elsewhere() -> None:
+    """A UDP mapping on another address says nothing about this one's ports."""
+    elsewhere = NatMapping(MappingKind.SEQUENTIAL, at(20000, "203.0.113.9"), 2)
+    ports = predicted_tcp_ports(at(30000), elsewhere, EIM)
+    assert ports == [at(30000 + 2 * k) for k in range(1, WINDOW + 1)]
+
+
+def test_tcp_prediction_leaves_out_the_observed_port_and_the_port_space_edge() -> None:
+    """The observed mapping is a candidate already; ports past 65535 do not exist."""
+    below = NatMapping(MappingKind.SEQUENTIAL, at(65530), 1)
+    assert predicted_tcp_ports(at(65533), below, EIM) == [
+        at(p) for p in (65534, 65531, 65535, 65532)
+    ]
+
+
+@pytest.mark.parametrize(
+    "own",
+    [SEQ, NatMapping(MappingKind.RANDOM, at(1))],
+    ids=["sequential", "random"],
+)
+def test_tcp_prediction_needs_this_side_to_map_independently(own: NatMapping) -> None:
+    """A side whose own NAT maps per destination does not probe over TCP."""
+    assert predicted_tcp_ports(at(19990), SEQ, own) == []
+
+
+def test_tcp_prediction_without_a_measurement_of_this_side() -> None:
+    """This side's NAT unknown (one observation): it probes; its one mapping may be enough."""
+    assert predicted_tcp_ports(at(19990), SEQ, NatMapping(MappingKind.UNKNOWN))[:1] == [at(19991)]
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [NatMapping(MappingKind.RANDOM, at(1)), EIM, NatMapping(MappingKind.UNKNOWN)],
+)
+def test_nothing_is_predicted_over_tcp_for_other_peers(peer: NatMapping) -> None:
+    """Only a sequential peer gets predicted TCP ports."""
+    assert predicted_tcp_ports(at(19990), peer, EIM) == []
+
+
+def _tcp_peer(udp: Endpoint | None, udp_second: Endpoint | None, tcp: bool = True) -> PeerInfo:
+    return PeerInfo(
+        peer_id=Identity.generate().peer_id,
+        name="bob",
+        observed=(PUBLIC, 19990),
+        listen_port=0,
+        private=(),
+        udp=udp,
+        udp_second=udp_second,
+        tcp_private=(Endpoint("10.0.0.7", 5000),) if tcp else (),
+    )
+
+
+def test_the_tcp_method_predicts_from_both_sides_udp_bindings() -> None:
+    """Peer sequential by its UDP binding, this side independent by its own: predicted."""
+    local = gather(4000, ["10.0.0.2"], at(4000, "203.0.113.5"), at(4000, "203.0.113.5"))
+    found = predicted_tcp(_tcp_peer(at(20000), at(20001)), local)
+    assert found[:3] == [at(19991), at(20002), at(19992)]
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        # The peer's NAT maps independently.
+        (_tcp_peer(at(20000), at(20000)), gather(4000, ["10.0.0.2"], at(4000))),
+        # The peer's NAT was not measured (it has no UDP punching port).
+        (_tcp_peer(None, None), gather(4000, ["10.0.0.2"], at(4000))),
+        # The peer does not punch TCP.
+        (_tcp_peer(at(20000), at(20001), tcp=False), gather(4000, ["10.0.0.2"], at(4000))),
+        # This side is sequential too.
+        (
+            _tcp_peer(at(20000), at(20001)),
+            gather(4000, ["10.0.0.2"], at(30000, "203.0.113.5"), at(30001, "203.0.113.5")),
+        ),
+    ],
+    ids=["independent-peer", "unmeasured-peer", "no-tcp", "both-sequential"],
+)
+def test_the_tcp_method_predicts_nothing_otherwise(peer: PeerInfo, local: list[Candidate]) -> None:
+    """No predicted TCP candidates unless the peer is sequential and this side is not."""
+    assert predicted_tcp(peer, local) == []
 
 
 def _flows(base: int, offset: int, targets: list[Endpoint]) -> dict[int, int]:

@@ -146,6 +146,7 @@ class Harness:
         *,
         timeout: float = 1000.0,
         config: TcpPunchConfig | None = None,
+        predicted: Sequence[Address] = (),
     ) -> TcpPunch:
         if config is None:
             config = TcpPunchConfig(
@@ -162,6 +163,7 @@ class Harness:
             cast(Any, self.make_path),
             timeout=timeout,
             config=config,
+            predicted=predicted,
         )
 
     def start(self, remotes: Sequence[Address], **kwargs: Any) -> tuple[TcpPunch, Deferred[Any]]:
@@ -558,6 +560,29 @@ def test_deadline_names_every_candidate_and_what_it_saw(h: Harness) -> None:
     assert len(h.port.to(A)) > 3
     assert h.timers() == []
     assert not any(c.pending for c in h.port.connects)
+
+
+def test_predicted_candidates_are_punched_after_the_named_ones(h: Harness) -> None:
+    """Predicted addresses get a connect too, after the named candidates, repeats dropped."""
+    predicted = [("198.51.100.7", 5001), B, ("198.51.100.7", 5002)]
+    _, done = h.start([A, B], predicted=predicted)
+    assert [c.remote for c in h.port.connects] == [A, B, predicted[0], predicted[2]]
+    path = h.port.last(predicted[2]).succeed()
+    path.win()
+    assert succeeded(done) is path
+
+
+def test_deadline_sums_up_the_predicted_candidates(h: Harness) -> None:
+    """The failure names each named candidate, and the predicted ones in one clause."""
+    predicted = [("198.51.100.7", port) for port in range(5001, 5011)]
+    _, done = h.start([A], timeout=2.0, predicted=predicted)
+    h.port.last(predicted[0]).fail(error.ConnectionRefusedError())
+    h.clock.advance(2.0)
+    message = str(failed(done, TcpPunchFailed))
+    assert "192.0.2.1:4000: no answer after" in message
+    assert "10 predicted ports of 198.51.100.7 (5001-5010): 9 no answer, 1 refused (RST)" in message
+    assert "198.51.100.7:5002" not in message
+    assert "predicted next ports" in message
 
 
 def test_deadline_with_one_unanswered_syn(h: Harness) -> None:
