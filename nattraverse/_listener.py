@@ -269,6 +269,7 @@ class PunchListener:
         timeout: float,
         private: Sequence[str] | None,
         checks: Any = None,
+        birthday: Any = None,
     ) -> None:
         self._reactor = reactor
         self._rendezvous = rendezvous
@@ -282,6 +283,7 @@ class PunchListener:
         self._timeout = timeout
         self._private = private
         self._checks = checks
+        self._birthday = birthday
         self._udp: Any = None
         self._udp_hosts: list[str] = []
         self._context = CalleeContext(
@@ -417,7 +419,11 @@ class PunchListener:
         from nattraverse.punch.port import PunchingPort
 
         self._udp = PunchingPort(
-            self._reactor, self._identity, interface=self._interface, config=self._checks
+            self._reactor,
+            self._identity,
+            interface=self._interface,
+            config=self._checks,
+            birthday=self._birthday,
         )
         port = self._udp.start().port
         self._udp_hosts = list(addresses)

@@ -57,6 +57,9 @@ CLIENT_KEYS = (
     "checkInterval",
     "punchTimeout",
     "preferTcp",
+    "birthdayProbes",
+    "birthdayRate",
+    "birthdaySockets",
 )
 SERVER_KEYS = (
     "name",
@@ -69,6 +72,9 @@ SERVER_KEYS = (
     "accessKeyFile",
     "checkInterval",
     "punchTimeout",
+    "birthdayProbes",
+    "birthdayRate",
+    "birthdaySockets",
 )
 
 
@@ -159,6 +165,49 @@ def _checks(interval: str | None, deadline: str | None) -> Any:
     )
 
 
+def _count(value: str | None, default: int, key: str) -> int:
+    if value is None:
+        return default
+    # (Bounded in length: int() refuses thousands of digits with a message of its own.)
+    number = int(value) if value.isascii() and value.isdigit() and len(value) < 20 else 0
+    if number < 1:
+        raise ValueError(f"punch: {key}={value!r} is not a whole number of at least 1")
+    return number
+
+
+def _probe_rate(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(
+            f"punch: birthdayRate={value!r} is not a positive number of probes per second"
+        )
+    return rate
+
+
+def _birthday(probes: str | None, rate: str | None, sockets: str | None) -> Any:
+    """Birthday-paradox probing's budget, rate and sockets, when any key is given."""
+    if probes is None and rate is None and sockets is None:
+        return None
+    from nattraverse.punch.birthday import BirthdayConfig
+
+    default = BirthdayConfig()
+    budget = _count(probes, default.probes, "birthdayProbes")
+    per_second = _probe_rate(rate, default.rate)
+    count = _count(sockets, default.sockets, "birthdaySockets")
+    try:
+        return BirthdayConfig(probes=budget, rate=per_second, sockets=count)
+    except ValueError as e:
+        # The values are each acceptable, but not together (more probes than ports).
+        given = {"birthdayProbes": probes, "birthdayRate": rate, "birthdaySockets": sockets}
+        keys = ":".join(f"{key}={value!r}" for key, value in given.items() if value is not None)
+        raise ValueError(f"punch: {keys}: {e}") from None
+
+
 def _access_key(path: str | None, environ: Mapping[str, str]) -> bytes | None:
     """
     The access key: the content of *path* (a regular file others may not
@@ -224,6 +273,9 @@ def parse_client(
     checkInterval: str | None = None,
     punchTimeout: str | None = None,
     preferTcp: str | None = None,
+    birthdayProbes: str | None = None,
+    birthdayRate: str | None = None,
+    birthdaySockets: str | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> PunchClientEndpoint:
@@ -241,9 +293,10 @@ def parse_client(
     chosen = _methods(methods)
     seconds = _timeout(timeout, 30.0)
     key = _access_key(accessKeyFile, os.environ if environ is None else environ)
-    loaded = _identity(identity) if identity is not None else None
     checks = _checks(checkInterval, punchTimeout)
     prefer = 0.0 if preferTcp in (None, "0") else _timeout(preferTcp, 0.0, "preferTcp")
+    birthday = _birthday(birthdayProbes, birthdayRate, birthdaySockets)
+    loaded = _identity(identity) if identity is not None else None
     try:
         return PunchClientEndpoint(
             reactor,
@@ -255,6 +308,7 @@ def parse_client(
             access_key=key,
             checks=checks,
             prefer_tcp=prefer,
+            birthday=birthday,
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e
@@ -272,6 +326,9 @@ def parse_server(
     accessKeyFile: str | None = None,
     checkInterval: str | None = None,
     punchTimeout: str | None = None,
+    birthdayProbes: str | None = None,
+    birthdayRate: str | None = None,
+    birthdaySockets: str | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> PunchServerEndpoint:
@@ -298,8 +355,9 @@ def parse_server(
     chosen = _methods(methods)
     seconds = _timeout(timeout, 30.0)
     key = _access_key(accessKeyFile, os.environ if environ is None else environ)
-    loaded = _identity(key_file)
     checks = _checks(checkInterval, punchTimeout)
+    birthday = _birthday(birthdayProbes, birthdayRate, birthdaySockets)
+    loaded = _identity(key_file)
     try:
         return PunchServerEndpoint(
             reactor,
@@ -312,6 +370,7 @@ def parse_server(
             access_key=key,
             timeout=seconds,
             checks=checks,
+            birthday=birthday,
         )
     except ValueError as e:
         raise ValueError(f"punch: {e}") from e

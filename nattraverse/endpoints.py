@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import NoProtocol
@@ -47,6 +47,9 @@ from nattraverse.punch.tcppunch import tcp_punch_config
 from nattraverse.rendezvous.client import Introduction, RendezvousSession, open_session
 from nattraverse.rendezvous.commands import MAX_CANDIDATES, check_name, is_peer_id
 from nattraverse.report import ConnectionReport, MethodAttempt, Outcome, Upgrade
+
+if TYPE_CHECKING:
+    from nattraverse.punch.birthday import BirthdayConfig
 
 __all__ = ["PunchAddress", "PunchClientEndpoint", "PunchServerEndpoint"]
 
@@ -188,6 +191,10 @@ class PunchClientEndpoint:
     :param checks: The UDP connectivity checks' pacing, retransmission,
         budget and deadline (:class:`~nattraverse.punch.checks.CheckConfig`);
         ``None``: the defaults (a check every 50 ms, 10 s at most).
+    :param birthday: Birthday-paradox probing's sockets, rates and budget
+        (:class:`~nattraverse.punch.birthday.BirthdayConfig`), for a pair
+        of NATs only it can connect; ``None``: the defaults (256 sockets,
+        at most 1500 probes, 200 a second).
     :param prefer_tcp: Seconds a direct TCP path (``direct``, ``reversal``,
         ``tcp``: the kernel's TCP end to end, for bulk throughput) still
         running may take to beat a path another method made first; 0: the
@@ -212,12 +219,14 @@ class PunchClientEndpoint:
         private: Sequence[str] | None = None,
         checks: CheckConfig | None = None,
         prefer_tcp: float = 0.0,
+        birthday: BirthdayConfig | None = None,
     ) -> None:
         self._reactor = reactor
         self._rendezvous = rendezvous
         self._peer = _check_peer(peer)
         self._prefer_tcp = _seconds(prefer_tcp, "prefer_tcp", zero=True)
         self._checks = checks
+        self._birthday = birthday
         self._methods = choose_methods(methods)
         self._timeout = _seconds(timeout, "timeout")
         self._stagger = _seconds(stagger, "stagger", zero=True)
@@ -257,6 +266,11 @@ class PunchClientEndpoint:
     def checks(self) -> CheckConfig | None:
         """The UDP checks' configuration (``None``: the defaults)."""
         return self._checks
+
+    @property
+    def birthday(self) -> BirthdayConfig | None:
+        """Birthday-paradox probing's configuration (``None``: the defaults)."""
+        return self._birthday
 
     @property
     def prefer_tcp(self) -> float:
@@ -529,7 +543,9 @@ class PunchClientEndpoint:
 
         from nattraverse.punch.port import PunchingPort
 
-        port = PunchingPort(self._reactor, self._identity, config=self._checks)
+        port = PunchingPort(
+            self._reactor, self._identity, config=self._checks, birthday=self._birthday
+        )
         try:
             port.start()
         except CannotListenError as e:
@@ -624,6 +640,7 @@ class PunchServerEndpoint:
         addresses (or *interface* alone, when it is a specific one); they
         are announced with the punching UDP port too.
     :param checks: As for :class:`PunchClientEndpoint`.
+    :param birthday: As for :class:`PunchClientEndpoint`.
     :raises ValueError: naming the argument, when one is not acceptable.
     """
 
@@ -641,6 +658,7 @@ class PunchServerEndpoint:
         timeout: float = 30.0,
         private: Sequence[str] | None = None,
         checks: CheckConfig | None = None,
+        birthday: BirthdayConfig | None = None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError(
@@ -662,6 +680,7 @@ class PunchServerEndpoint:
         self._timeout = _seconds(timeout, "timeout")
         self._private = None if private is None else tuple(private)
         self._checks = checks
+        self._birthday = birthday
 
     def __repr__(self) -> str:
         return f"<PunchServerEndpoint {self._name!r} via {self._rendezvous!r}>"
@@ -680,6 +699,11 @@ class PunchServerEndpoint:
     def checks(self) -> CheckConfig | None:
         """The UDP checks' configuration (``None``: the defaults)."""
         return self._checks
+
+    @property
+    def birthday(self) -> BirthdayConfig | None:
+        """Birthday-paradox probing's configuration (``None``: the defaults)."""
+        return self._birthday
 
     @property
     def identity(self) -> Identity:
@@ -733,5 +757,6 @@ class PunchServerEndpoint:
             timeout=self._timeout,
             private=self._private,
             checks=self._checks,
+            birthday=self._birthday,
         )
         return listener.start()

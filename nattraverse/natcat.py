@@ -93,6 +93,12 @@ def endpoint_string(options: argparse.Namespace) -> str:
         parts.append(f"punchTimeout={options.punch_timeout!r}")
     if options.prefer_tcp is not None:
         parts.append(f"preferTcp={options.prefer_tcp!r}")
+    if options.birthday_probes is not None:
+        parts.append(f"birthdayProbes={options.birthday_probes}")
+    if options.birthday_rate is not None:
+        parts.append(f"birthdayRate={options.birthday_rate!r}")
+    if options.birthday_sockets is not None:
+        parts.append(f"birthdaySockets={options.birthday_sockets}")
     if options.port is not None:
         parts.append(f"port={options.port}")
     if options.access_key_file is not None:
@@ -114,6 +120,34 @@ def _positive_seconds(text: str) -> float:
     value = _seconds(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) < 20) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _probes(text: str) -> int:
+    from nattraverse.punch.birthday import BirthdayConfig
+
+    count = _count(text)
+    low, high = BirthdayConfig().ports
+    if count > high - low + 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more probes than there are ports to probe ({high - low + 1})"
+        )
+    return count
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of probes per second above 0")
     return value
 
 
@@ -170,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECS",
         help="connecting: seconds a direct TCP path may take to beat a UDP or relayed one "
         "that came first (for bulk throughput)",
+    )
+    parser.add_argument(
+        "--birthday-probes",
+        type=_probes,
+        metavar="N",
+        help="probes the easy side of birthday-paradox probing sends at most (default 1500; "
+        "more: a better chance against a random-port NAT, more traffic)",
+    )
+    parser.add_argument(
+        "--birthday-rate",
+        type=_rate,
+        metavar="PER_SECOND",
+        help="birthday-paradox probes sent per second (default 200)",
+    )
+    parser.add_argument(
+        "--birthday-sockets",
+        type=_count,
+        metavar="N",
+        help="sockets the random-port (hard) side of birthday-paradox probing opens (default 256)",
     )
     parser.add_argument(
         "--port", type=_port, help="TCP port for direct connections (listening only; 0: any)"

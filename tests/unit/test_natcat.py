@@ -79,6 +79,12 @@ def test_listen_string_has_a_default_identity(
         ["--listen", "bob", "-r", "tcp:h:1", "--quit-after", "3"],
         ["alice", "-r", "tcp:h:1", "--timeout", "soon"],
         ["alice", "-r", "tcp:h:1", "--timeout", "-1"],
+        ["alice", "-r", "tcp:h:1", "--birthday-probes", "0"],
+        ["alice", "-r", "tcp:h:1", "--birthday-probes", "lots"],
+        ["alice", "-r", "tcp:h:1", "--birthday-probes", "70000"],
+        ["alice", "-r", "tcp:h:1", "--birthday-rate", "0"],
+        ["alice", "-r", "tcp:h:1", "--birthday-rate", "inf"],
+        ["--listen", "bob", "-r", "tcp:h:1", "--birthday-sockets", "2.5"],
         ["--listen", "bob", "-r", "tcp:h:1", "--port", "70000"],
         ["alice"],
     ],
@@ -89,6 +95,43 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         _options(*argv)
     assert raised.value.code == natcat.EXIT_USAGE
     assert "natcat" in capsys.readouterr().err
+
+
+def test_birthday_options_go_to_both_roles() -> None:
+    """--birthday-probes, --birthday-rate and --birthday-sockets become the birthday keys."""
+    for role in (["bob"], ["--listen", "bob"]):
+        options = _options(
+            *role, "-r", "tcp:h:1", "--identity", "k", "--birthday-probes", "3000",
+            "--birthday-rate", "75.5", "--birthday-sockets", "512",
+        )  # fmt: skip
+        _, kwargs = _parse(natcat.endpoint_string(options))
+        assert kwargs["birthdayProbes"] == "3000"
+        assert float(kwargs["birthdayRate"]) == 75.5
+        assert kwargs["birthdaySockets"] == "512"
+
+
+def test_birthday_keys_absent_without_the_options() -> None:
+    """Without the options the endpoint string has no birthday keys (the defaults apply)."""
+    _, kwargs = _parse(natcat.endpoint_string(_options("bob", "-r", "tcp:h:1")))
+    assert not [key for key in kwargs if key.startswith("birthday")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--birthday-probes", "0"], "argument --birthday-probes: '0' is not a whole number"),
+        (["--birthday-probes", "70000"], "'70000' is more probes than there are ports"),
+        (["--birthday-rate", "-2"], "argument --birthday-rate: '-2' is not a number of probes"),
+        (["--birthday-sockets", "x"], "argument --birthday-sockets: 'x' is not a whole number"),
+    ],
+)
+def test_bad_birthday_values_say_why(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --birthday-* value is refused with a message naming the option and the value."""
+    with pytest.raises(SystemExit):
+        _options("alice", "-r", "tcp:h:1", *argv)
+    assert needle in capsys.readouterr().err
 
 
 def test_report_is_one_json_line() -> None:

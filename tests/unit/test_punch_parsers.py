@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from zope.interface.verify import verifyObject
@@ -37,6 +38,9 @@ from nattraverse._parsers import (
 )
 from nattraverse.endpoints import PunchClientEndpoint, PunchServerEndpoint
 from nattraverse.identity import Identity, load_or_create
+from nattraverse.punch.birthday import BirthdayConfig
+from nattraverse.punch.port import PunchingPort
+from nattraverse.testing import Network
 
 ROOT = Path(__file__).resolve().parents[2]
 RENDEZVOUS = r"rendezvous=tcp\:127.0.0.1\:8478"
@@ -386,3 +390,106 @@ def test_prefer_tcp_is_a_grace_in_seconds() -> None:
     assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:preferTcp=0").prefer_tcp == 0.0
     with pytest.raises(ValueError, match="preferTcp='soon'"):
         _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:preferTcp=soon")
+
+
+# -- birthday-paradox probing -------------------------------------------------------
+
+BIRTHDAY = "birthdayProbes=900:birthdayRate=50.5:birthdaySockets=64"
+
+
+def test_birthday_keys_on_the_client() -> None:
+    """birthdayProbes, birthdayRate and birthdaySockets set the client's BirthdayConfig."""
+    endpoint = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:{BIRTHDAY}")
+    assert endpoint.birthday == BirthdayConfig(probes=900, rate=50.5, sockets=64)
+
+
+def test_birthday_keys_on_the_server(key_file: Path) -> None:
+    """The same keys set the server's BirthdayConfig."""
+    endpoint = _server(
+        MemoryReactorClock(), f"name=alice:{RENDEZVOUS}:identity={key_file}:{BIRTHDAY}"
+    )
+    assert endpoint.birthday == BirthdayConfig(probes=900, rate=50.5, sockets=64)
+
+
+def test_birthday_keys_absent_or_one_given(key_file: Path) -> None:
+    """Without the keys there is no BirthdayConfig; with one, the others keep their defaults."""
+    assert _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}").birthday is None
+    server = _server(MemoryReactorClock(), f"name=alice:{RENDEZVOUS}:identity={key_file}")
+    assert server.birthday is None
+    client = _client(MemoryReactorClock(), f"peer=alice:{RENDEZVOUS}:birthdayRate=20")
+    assert client.birthday == BirthdayConfig(rate=20.0)
+    assert (client.birthday.probes, client.birthday.sockets) == (1500, 256)
+
+
+def test_client_punching_port_gets_the_birthday_config() -> None:
+    """The client's punching UDP port probes with the BirthdayConfig of the keys."""
+    host = Network(seed="birthday-client").host("caller")
+    endpoint = _client(host.reactor, f"peer=alice:{RENDEZVOUS}:{BIRTHDAY}")
+    port, problem = endpoint._open_udp()
+    assert problem is None
+    assert isinstance(port, PunchingPort)
+    assert port.birthday == BirthdayConfig(probes=900, rate=50.5, sockets=64)
+    port.close()
+    default, _ = _client(host.reactor, f"peer=alice:{RENDEZVOUS}")._open_udp()
+    assert default.birthday == BirthdayConfig()
+    default.close()
+
+
+def test_server_punching_port_gets_the_birthday_config(key_file: Path) -> None:
+    """listen() opens the server's punching UDP port with the BirthdayConfig of the keys."""
+    network = Network(seed="birthday-server")
+    host = network.host("callee")
+    endpoint = _server(
+        host.reactor,
+        rf"name=alice:rendezvous=tcp\:192.0.2.1\:8478:identity={key_file}:methods=udp:{BIRTHDAY}",
+    )
+    listening = endpoint.listen(Factory())
+    (socket,) = host.ports
+    # The punching port routes its socket's datagrams to itself.
+    port = socket.protocol.intercept.__self__  # type: ignore[attr-defined]
+    assert isinstance(port, PunchingPort)
+    assert port.birthday == BirthdayConfig(probes=900, rate=50.5, sockets=64)
+    listening.cancel()
+    listening.addErrback(lambda _: None)
+    network.run(1)
+    assert host.ports == ()
+    assert host.reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("birthdayProbes=x", "punch: birthdayProbes='x' is not a whole number of at least 1"),
+        ("birthdayProbes=0", "birthdayProbes='0'"),
+        ("birthdayProbes=-5", "birthdayProbes='-5'"),
+        ("birthdayProbes=2.5", "birthdayProbes='2.5'"),
+        ("birthdayProbes=70000", "punch: birthdayProbes='70000': ports"),
+        ("birthdayRate=fast", "punch: birthdayRate='fast' is not a positive number"),
+        ("birthdayRate=0", "birthdayRate='0'"),
+        ("birthdayRate=-1", "birthdayRate='-1'"),
+        ("birthdayRate=inf", "birthdayRate='inf'"),
+        ("birthdayRate=nan", "birthdayRate='nan'"),
+        ("birthdaySockets=0", "punch: birthdaySockets='0' is not a whole number of at least 1"),
+        ("birthdaySockets=1e3", "birthdaySockets='1e3'"),
+        ("birthdaySockets=" + "9" * 5000, "birthdaySockets='999"),
+    ],
+)
+def test_bad_birthday_values_on_both_sides(extra: str, needle: str, key_file: Path) -> None:
+    """A bad birthday value raises ValueError naming the key and value, on either side."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        clientFromString(MemoryReactorClock(), f"punch:peer=alice:{RENDEZVOUS}:{extra}")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        serverFromString(
+            MemoryReactorClock(), f"punch:name=alice:{RENDEZVOUS}:identity={key_file}:{extra}"
+        )
+    assert not key_file.exists()
+
+
+def test_natcat_birthday_options_parse(tmp_path: Path) -> None:
+    """natcat's --birthday-* options give the endpoint their BirthdayConfig."""
+    options = natcat.build_parser().parse_args(
+        ["alice", "-r", "tcp:127.0.0.1:8478", "--birthday-probes", "3000",
+         "--birthday-rate", "400", "--birthday-sockets", "128"]
+    )  # fmt: skip
+    endpoint = _client(MemoryReactorClock(), natcat.endpoint_string(options).removeprefix("punch:"))
+    assert endpoint.birthday == BirthdayConfig(probes=3000, rate=400.0, sockets=128)
