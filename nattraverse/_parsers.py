@@ -140,16 +140,20 @@ def _methods(value: str | None) -> list[str] | None:
     return names
 
 
-def _timeout(value: str | None, default: float, key: str = "timeout") -> float:
+def _positive(value: str | None, default: float, key: str, unit: str) -> float:
     if value is None:
         return default
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"punch: {key}={value!r} is not a positive number of seconds")
-    return seconds
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"punch: {key}={value!r} is not a positive number of {unit}")
+    return number
+
+
+def _timeout(value: str | None, default: float, key: str = "timeout") -> float:
+    return _positive(value, default, key, "seconds")
 
 
 def _checks(interval: str | None, deadline: str | None) -> Any:
@@ -175,20 +179,6 @@ def _count(value: str | None, default: int, key: str) -> int:
     return number
 
 
-def _probe_rate(value: str | None, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        rate = float(value)
-    except ValueError:
-        rate = math.nan
-    if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(
-            f"punch: birthdayRate={value!r} is not a positive number of probes per second"
-        )
-    return rate
-
-
 def _birthday(probes: str | None, rate: str | None, sockets: str | None) -> Any:
     """Birthday-paradox probing's budget, rate and sockets, when any key is given."""
     if probes is None and rate is None and sockets is None:
@@ -197,7 +187,7 @@ def _birthday(probes: str | None, rate: str | None, sockets: str | None) -> Any:
 
     default = BirthdayConfig()
     budget = _count(probes, default.probes, "birthdayProbes")
-    per_second = _probe_rate(rate, default.rate)
+    per_second = _positive(rate, default.rate, "birthdayRate", "probes per second")
     count = _count(sockets, default.sockets, "birthdaySockets")
     try:
         return BirthdayConfig(probes=budget, rate=per_second, sockets=count)

@@ -73,6 +73,18 @@ def default_identity(name: str) -> Path:
     return Path(base) / "nattraverse" / f"natcat-{name}.key"
 
 
+#: The numeric options and the ``punch:`` keys they become.
+_NUMBERS = (
+    ("timeout", "timeout"),
+    ("punch_timeout", "punchTimeout"),
+    ("prefer_tcp", "preferTcp"),
+    ("birthday_probes", "birthdayProbes"),
+    ("birthday_rate", "birthdayRate"),
+    ("birthday_sockets", "birthdaySockets"),
+    ("port", "port"),
+)
+
+
 def endpoint_string(options: argparse.Namespace) -> str:
     """
     The ``punch:`` endpoint string the options describe.
@@ -87,20 +99,10 @@ def endpoint_string(options: argparse.Namespace) -> str:
         parts.append(f"identity={escape(str(options.identity))}")
     if options.methods is not None:
         parts.append(f"methods={escape(options.methods)}")
-    if options.timeout is not None:
-        parts.append(f"timeout={options.timeout!r}")
-    if options.punch_timeout is not None:
-        parts.append(f"punchTimeout={options.punch_timeout!r}")
-    if options.prefer_tcp is not None:
-        parts.append(f"preferTcp={options.prefer_tcp!r}")
-    if options.birthday_probes is not None:
-        parts.append(f"birthdayProbes={options.birthday_probes}")
-    if options.birthday_rate is not None:
-        parts.append(f"birthdayRate={options.birthday_rate!r}")
-    if options.birthday_sockets is not None:
-        parts.append(f"birthdaySockets={options.birthday_sockets}")
-    if options.port is not None:
-        parts.append(f"port={options.port}")
+    for attribute, key in _NUMBERS:
+        value = getattr(options, attribute)
+        if value is not None:
+            parts.append(f"{key}={value!r}")
     if options.access_key_file is not None:
         parts.append(f"accessKeyFile={escape(options.access_key_file)}")
     return ":".join(parts)
