@@ -84,8 +84,11 @@ class _PinnedConnection(QuicConnection):
         this connection's own connection ids (RFC 9000 section 5.2).
         """
         end = 1 + self._configuration.connection_id_length
-        destination = datagram[1:end]
-        return any(issued.cid == destination for issued in self._host_cids)
+        return self.owns_cid(datagram[1:end])
+
+    def owns_cid(self, cid: bytes) -> bool:
+        """Whether *cid* is one of this connection's own connection ids."""
+        return any(issued.cid == cid for issued in self._host_cids)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

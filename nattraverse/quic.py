@@ -142,6 +142,32 @@ def is_quic(datagram: bytes) -> bool:
     return bool(datagram) and bool(datagram[0] & 0x40)
 
 
+def is_initial(datagram: bytes) -> bool:
+    """
+    Whether *datagram* starts with a QUIC version 1 Initial packet: a long
+    header (``0x80``) of type 0 (bits ``0x30``; RFC 9000 section 17.2.2).
+    """
+    return bool(datagram) and datagram[0] & 0xB0 == 0x80
+
+
+def short_header_packet(datagram: bytes) -> bytes | None:
+    """
+    The 1-RTT packet (short header, RFC 9000 section 17.3) of *datagram*:
+    the datagram itself, or the last of its coalesced packets (section
+    12.2, as a Handshake flight and the first 1-RTT packet travel);
+    ``None`` when it has none or cannot be parsed.
+    """
+    rest = datagram
+    while rest and rest[0] & 0x80:
+        try:
+            # Long headers carry their lengths: the host's id length does not matter.
+            header = pull_quic_header(Buffer(data=rest), host_cid_length=8)
+        except (ValueError, BufferReadError):
+            return None
+        rest = rest[header.packet_length :]
+    return rest or None
+
+
 class QuicPath:
     """
     One QUIC connection on a UDP path, pinned both ways, carrying one stream.
@@ -389,15 +415,25 @@ class QuicPath:
 
     def accepts(self, datagram: bytes) -> bool:
         """
-        Whether *datagram* (QUIC) may belong to this connection: a long
-        header packet (the handshake's; aioquic sorts them out), or a short
-        header one addressed to one of its connection ids.  Tells this
-        connection's packets from another's that come from the same address
-        (a direct handshake the relayed connection replaced).
+        Whether *datagram* (QUIC) may belong to this connection: an Initial
+        packet (aioquic sorts them out), or any other addressed to one of
+        its connection ids.  Tells this connection's packets from another's
+        that come from the same address (a direct handshake the relayed
+        connection replaced, whose peer did not hear it was dropped).
         """
-        if self._connection is None or datagram[0] & 0x80:
+        if self._connection is None:
             return True
-        return self._connection.owns_destination(datagram)
+        if not datagram[0] & 0x80:
+            return self._connection.owns_destination(datagram)
+        try:
+            header = pull_quic_header(
+                Buffer(data=datagram), host_cid_length=self._configuration.connection_id_length
+            )
+        except (ValueError, BufferReadError):
+            return False
+        if header.packet_type == QuicPacketType.INITIAL:
+            return True
+        return self._connection.owns_cid(header.destination_cid)
 
     def _new_connection(self, original_destination: bytes | None = None) -> _PinnedConnection:
         connection = _PinnedConnection(

@@ -13,7 +13,11 @@ the connection there (:meth:`~nattraverse.quic.QuicPath.move`), even to a
 birthday socket that was reached (a child port), and stops.  No new QUIC
 handshake: the application keeps its stream.  If a direct handshake is
 already under way when the relayed path wins, it is dropped and the
-connection moves to its pair.  The checks' budget and the session's
+connection moves to its pair.  The caller may so move before the callee has
+the end of the handshake (or the selection) through the relay: the callee
+follows when the relayed connection's own packets (a 1-RTT packet to one of
+its connection ids) come from an address its checks authenticated, and
+drops its direct handshake too.  The checks' budget and the session's
 timeout bound the wait; after that the connection stays relayed.
 """
 
@@ -40,7 +44,7 @@ from nattraverse.punch.birthday import (
 from nattraverse.punch.candidates import Candidate, CandidateKind, CandidatePair
 from nattraverse.punch.checks import CheckMachine, IceCredentials
 from nattraverse.punch.relayleg import Opener, RelayLeg, RelayLegRun
-from nattraverse.quic import QuicPath
+from nattraverse.quic import QuicPath, is_initial, short_header_packet
 from nattraverse.secure import PathSecrets
 
 if TYPE_CHECKING:
@@ -207,7 +211,12 @@ class PunchSession:
             return None
         if source == self.relay.address and self.relay_path is None:
             return self._start_relay_path(source)
-        if self.path is None and heard:
+        relayed, packet = self.relay_path, short_header_packet(datagram)
+        if relayed is not None and heard and packet is not None and relayed.accepts(packet):
+            return self._follow(relayed, source)
+        if self.path is None and heard and is_initial(datagram):
+            # Only a client's Initial starts a connection: a lone Handshake or
+            # 1-RTT packet (of a connection that went elsewhere) never could.
             return self.start_path(source)
         return None
 
@@ -234,6 +243,26 @@ class PunchSession:
         path.start()
         return path
 
+    def _follow(self, path: QuicPath, remote: Endpoint) -> QuicPath:
+        """
+        Callee: the caller moved the relayed connection *path*, still being
+        secured here, to the validated *remote* (its direct handshake gave
+        way): move it there too and drop the direct handshake under way.
+        """
+        _log.info(
+            "UDP punch {session}: the caller moved the relayed connection to {remote}; "
+            "following it there",
+            session=self._label,
+            remote=str(remote),
+        )
+        direct, self.path = self.path, None
+        if direct is not None:
+            direct.authenticated.addErrback(_ignore)
+            direct.abort()
+            self.port.unroute(direct)
+        self.port.carry(path, remote)
+        return path
+
     def _relay_path_done(self, result: QuicPath | Failure, path: QuicPath) -> None:
         if self.relay_path is path:
             self.relay_path = None
@@ -248,6 +277,15 @@ class PunchSession:
                 error=result.getErrorMessage(),
             )
             self._maybe_fail()
+            return
+        if not path.relayed:  # it followed the caller to a direct pair already
+            _log.info(
+                "UDP punch {session}: connected through the rendezvous' UDP relay, "
+                "moved to {remote}",
+                session=self._label,
+                remote=str(path.remote),
+            )
+            self.finish(path)
             return
         _log.info(
             "UDP punch {session}: connected through the rendezvous' UDP relay; "
@@ -407,9 +445,11 @@ class PunchSession:
             return None
         if not isinstance(result, Failure):
             child.close_when_idle()
-            self._drop_paths()
             self._child_won = True
             self.finish(result)
+            # Only now: a path aborted before the session finished would
+            # report its failure, and fail the session the child just won.
+            self._drop_paths()
             return None
         _log.info(
             "UDP punch {session}: the birthday socket's session failed: {error}",

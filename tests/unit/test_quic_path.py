@@ -27,7 +27,14 @@ from zope.interface.verify import verifyObject
 
 from nattraverse.errors import PeerAuthenticationFailed
 from nattraverse.identity import Identity
-from nattraverse.quic import QuicPath, QuicPathIdle, QuicStreamTransport, is_quic
+from nattraverse.quic import (
+    QuicPath,
+    QuicPathIdle,
+    QuicStreamTransport,
+    is_initial,
+    is_quic,
+    short_header_packet,
+)
 
 CALLER_ADDRESS = ("10.0.0.1", 40001)
 CALLEE_ADDRESS = ("10.0.0.2", 40002)
@@ -421,3 +428,35 @@ def test_handshake_survives_heavy_loss(
     caller.select(Factory.forProtocol(Recorder))
     run_until(clock, lambda: result(callee.authenticated) is not None, limit=150)
     assert result(callee.authenticated) is callee
+
+
+# -- telling packets apart -------------------------------------------------------------
+
+
+def _long(kind: int, payload: bytes) -> bytes:
+    """A QUIC v1 long-header packet of type *kind* (0 Initial, 2 Handshake), ids of 8 bytes."""
+    head = bytes([0xC0 | kind << 4]) + (1).to_bytes(4, "big")
+    head += bytes([8]) + b"d" * 8 + bytes([8]) + b"s" * 8
+    if kind == 0:
+        head += bytes([0])  # no token
+    return head + bytes([0x40 | len(payload) >> 8, len(payload) & 0xFF]) + payload
+
+
+SHORT = bytes([0x41]) + b"d" * 8 + b"protected payload"
+
+
+def test_is_initial_tells_an_initial_from_other_packets() -> None:
+    """Only a long header of type 0 is an Initial."""
+    assert is_initial(_long(0, b"x" * 30))
+    assert not is_initial(_long(2, b"x" * 30))
+    assert not is_initial(SHORT)
+    assert not is_initial(b"")
+
+
+def test_short_header_packet_of_a_coalesced_datagram() -> None:
+    """The 1-RTT packet after a Handshake (and an Initial) in one datagram; or the datagram."""
+    assert short_header_packet(_long(0, b"i" * 20) + _long(2, b"h" * 40) + SHORT) == SHORT
+    assert short_header_packet(SHORT) == SHORT
+    assert short_header_packet(_long(2, b"h" * 40)) is None
+    # A long header cut short cannot be parsed: no packet, no exception.
+    assert short_header_packet(_long(2, b"h" * 40)[:12]) is None

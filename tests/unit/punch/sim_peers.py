@@ -1,7 +1,8 @@
 """
 Peers behind NATs of the simulated network, each with a punching port whose
 server-reflexive address it learned from a STUN server on the simulated
-internet: shared by the birthday-probing and upgrade tests.
+internet: shared by the birthday-probing and upgrade tests; and a blackout of a
+peer's direct QUIC datagrams.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from nattraverse.identity import Identity
 from nattraverse.punch.birthday import BirthdayConfig
 from nattraverse.punch.candidates import Candidate, gather
 from nattraverse.punch.port import PunchingPort
+from nattraverse.quic import is_quic
 from nattraverse.stun.server import StunServer
 from nattraverse.testing import Network, SimulatedHost
 
@@ -69,3 +71,36 @@ def close_peers(network: Network, *peers: NatPeer) -> None:
         assert p.port.paths == 0
         assert p.host.ports == ()
         assert p.host.reactor.getDelayedCalls() == []
+
+
+class QuicBlackout:
+    """
+    Drops the QUIC datagrams that *peer*'s punching socket receives from
+    anywhere but *spared* until the clock reaches *until*, but the first
+    *passed*: a direct path that loses QUIC for a while although the
+    connectivity checks get through.
+
+    :ivar dropped: The time and source of each datagram dropped.
+    """
+
+    def __init__(
+        self, network: Network, peer: NatPeer, spared: Endpoint, until: float, passed: int = 0
+    ) -> None:
+        self._network = network
+        self._spared = spared
+        self.until = until
+        self._passed = passed
+        self.dropped: list[tuple[float, Endpoint]] = []
+        route = peer.port.demux.intercept
+        assert route is not None, "the punching port is not started"
+        self._route = route
+        peer.port.demux.intercept = self._intercept
+
+    def _intercept(self, data: bytes, source: Endpoint) -> bool:
+        now = self._network.clock.seconds()
+        if is_quic(data) and source != self._spared and now < self.until:
+            if self._passed <= 0:
+                self.dropped.append((now, source))
+                return True
+            self._passed -= 1
+        return self._route(data, source)

@@ -23,13 +23,19 @@ from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed
 from nattraverse.punch.birthday import BirthdayPlan, BirthdayRole
 from nattraverse.punch.relayleg import RelayLeg
-from nattraverse.quic import QuicPath
+from nattraverse.quic import QuicPath, QuicStreamTransport
 from nattraverse.secure import PathSecrets
 from nattraverse.stun.attributes import XorMappedAddress
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode, is_stun
-from nattraverse.testing import Network
-from tests.unit.punch.sim_peers import NatPeer, close_peers, nat_peer, stun_network
+from nattraverse.testing import Link, Network
+from tests.unit.punch.sim_peers import (
+    NatPeer,
+    QuicBlackout,
+    close_peers,
+    nat_peer,
+    stun_network,
+)
 
 SECRET = b"u" * 32
 SESSION = b"v" * 16
@@ -299,4 +305,175 @@ def test_closing_the_relayed_connection_stops_the_checks() -> None:
     result.caller._transport.loseConnection()
     network.run(5)
     assert caller.port.sessions == 0
+    close_peers(network, caller, callee)
+
+
+class Exchange(Protocol):
+    """Writes *total* bytes in chunks, one every 50 ms; keeps what arrives."""
+
+    def __init__(self, clock: Any, total: int, seed: int, chunk: int = 16 * 1024) -> None:
+        self.clock = clock
+        self.left = total
+        self.seed = seed
+        self.chunk = chunk
+        self.gap = 0.05
+        self.made = 0
+        self.sent = bytearray()
+        #: When each chunk was written.
+        self.written_at: list[float] = []
+        self.data = bytearray()
+        self.lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.made += 1
+        self._next()
+
+    def _next(self) -> None:
+        if self.left <= 0 or self.lost is not None:
+            return
+        size = min(self.chunk, self.left)
+        data = bytes((self.seed + len(self.sent) + i) % 251 for i in range(size))
+        self.sent += data
+        self.left -= size
+        self.written_at.append(self.clock.seconds())
+        self.transport.write(data)  # type: ignore[union-attr]
+        self.clock.callLater(self.gap, self._next)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.lost = reason
+
+
+@pytest.mark.parametrize("select", ["at-once", "later"])
+@pytest.mark.parametrize("lost", ["to-callee", "to-caller", "after-initial"])
+def test_direct_handshake_under_way_gives_way_to_the_relayed_connection(
+    lost: str, select: str
+) -> None:
+    """The relay wins while a direct QUIC handshake is under way: it gives way, and moves there."""
+    network, relay = make_network(f"handover-{lost}-{select}")
+    caller = nat_peer(network, "a", "port-restricted")
+    callee = nat_peer(network, "b", "port-restricted")
+    for nat in network.nats.values():
+        nat.uplink = Link(delay=0.01)
+    start = network.clock.seconds()
+    # The checks get through at once; direct QUIC is lost for a second (to
+    # the callee, to the caller, or both ways once the caller's Initial got
+    # through: the callee has a handshake under way and never hears it
+    # dropped); the relay, asked for after 0.2 s, loses nothing.
+    until = start + 1.0
+    blackouts = []
+    if lost != "to-caller":
+        passed = 1 if lost == "after-initial" else 0
+        blackouts.append(QuicBlackout(network, callee, RELAY, until, passed))
+    if lost != "to-callee":
+        blackouts.append(QuicBlackout(network, caller, RELAY, until))
+    total = 256 * 1024
+    mine = Exchange(caller.host.reactor, total, seed=0)
+    theirs = Exchange(callee.host.reactor, total, seed=100)
+    answered = callee.port.answer(
+        PathSecrets(SESSION, SECRET, caller.identity.peer_id, "udp"),
+        local=callee.candidates,
+        remote=caller.candidates,
+        timeout=30,
+    )
+    opened: list[str] = []
+    callee_opener = opener(callee, opened)
+
+    def open_both() -> Deferred[Endpoint]:
+        result: Deferred[Endpoint] = opener(caller, opened)()
+        callee.port.relay_offered(SESSION, callee_opener)
+        return result
+
+    called = caller.port.call(
+        PathSecrets(SESSION, SECRET, callee.identity.peer_id, "udp"),
+        local=caller.candidates,
+        remote=callee.candidates,
+        timeout=30,
+        relay=RelayLeg(0.2, open_both),
+    )
+    at_auth: dict[str, Any] = {}
+    moves: list[tuple[float, int, tuple[str, int], tuple[str, int]]] = []
+
+    def connected(path: QuicPath) -> QuicPath:
+        # Called as the session reports the relayed path, before it gives way.
+        caller_session = caller.port.session_of(SESSION)
+        callee_session = callee.port.session_of(SESSION)
+        assert caller_session is not None
+        assert callee_session is not None
+        at_auth.update(
+            time=network.clock.seconds(),
+            relayed=path.relayed,
+            direct=caller_session.path,
+            callee_direct=callee_session.path,
+            callee_relayed=callee_session.relay_path,
+        )
+        path.on_moved.append(
+            lambda _, old, new: moves.append((network.clock.seconds(), len(mine.sent), old, new))
+        )
+        factory = Factory.forProtocol(lambda: mine)
+        if select == "at-once":
+            path.select(factory)  # the application takes it in the callback
+        else:
+            caller.host.reactor.callLater(0.1, path.select, factory)
+        return path
+
+    def attach(path: QuicPath) -> QuicPath:
+        path.attach(Factory.forProtocol(lambda: theirs))
+        return path
+
+    results: dict[str, list[QuicPath | Failure]] = {"caller": [], "callee": []}
+    called.addCallback(connected).addBoth(results["caller"].append)
+    answered.addCallback(attach).addBoth(results["callee"].append)
+    network.run(6)
+
+    assert len(results["caller"]) == len(results["callee"]) == 1, results
+    [caller_path], [callee_path] = results["caller"], results["callee"]
+    assert isinstance(caller_path, QuicPath), caller_path
+    assert isinstance(callee_path, QuicPath), callee_path
+    # The race happened: the relay won while a direct handshake was under way.
+    assert at_auth["relayed"]
+    direct = at_auth["direct"]
+    assert isinstance(direct, QuicPath)
+    assert direct is not caller_path
+    assert all(blackout.dropped for blackout in blackouts)
+    assert at_auth["time"] < until
+    # That handshake was dropped; only the relayed connection reached the application.
+    assert direct.terminated
+    assert callee_path is at_auth["callee_relayed"]
+    callee_direct = at_auth["callee_direct"]
+    assert (callee_direct is None) == (lost == "to-callee")
+    if callee_direct is not None:
+        assert callee_direct.terminated
+    assert mine.made == theirs.made == 1
+    assert caller.port.stats.paths == 2  # the relayed one and the direct one dropped
+    assert callee.port.stats.paths == (1 if lost == "to-callee" else 2)
+    # It moved to the direct pair at once, both ways.
+    assert len(moves) == 1
+    moved_at, written, old, new = moves[0]
+    assert moved_at == at_auth["time"]
+    assert old == tuple(RELAY)
+    assert new == tuple(direct.remote)
+    assert new[0] == network.nats["nat-b"].address
+    assert written == (mine.chunk if select == "at-once" else 0)
+    for app, peer_nat in ((mine, "nat-b"), (theirs, "nat-a")):
+        transport: Any = app.transport
+        assert isinstance(transport, QuicStreamTransport)
+        assert not transport.relayed
+        assert transport.getPeer().host == network.nats[peer_nat].address
+    assert mine.lost is None
+    assert theirs.lost is None
+    # Data written before, during and after the blackout arrived intact, in order.
+    assert min(mine.written_at) < until < max(mine.written_at)
+    assert bytes(mine.data) == bytes(theirs.sent)
+    assert bytes(theirs.data) == bytes(mine.sent)
+    assert len(mine.data) == len(theirs.data) == total
+    # Nothing goes through the relay any more; nothing is left but the connection.
+    forwarded = relay.forwarded
+    network.run(1)
+    assert relay.forwarded == forwarded
+    assert caller.port.sessions == callee.port.sessions == 0
+    for peer in (caller, callee):  # the connection's one timer
+        assert len(peer.host.reactor.getDelayedCalls()) == 1, peer.host.reactor.getDelayedCalls()
     close_peers(network, caller, callee)
