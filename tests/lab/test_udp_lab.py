@@ -209,8 +209,12 @@ def test_every_pair_connects_with_all_methods(
     if prediction_serves(callee_nat, caller_nat):
         # Port prediction: the predicted checks go out first, before the
         # TCP methods take ports of the sequential NATs, and well within
-        # the relay's stagger.
-        assert mine["method"] == "udp", mine["race"]
+        # the relay's stagger.  With a port-restricted side, TCP port
+        # prediction serves the pair too, and often wins (test_tcp_lab);
+        # between two sequential NATs only UDP predicts.
+        one_independent = Preset.PORT_RESTRICTED in {callee_nat, caller_nat}
+        assert mine["method"] in ({"udp", "tcp"} if one_independent else {"udp"}), mine["race"]
+        assert mine["relayed"] is False, mine["race"]
     elif birthday_serves(callee_nat, caller_nat):
         # Birthday probing starts 0.5 s after the checks and takes a second
         # or more: the udp method's relayed leg, 0.5 s behind, often
