@@ -244,17 +244,27 @@ class PunchingPort:
             self._on_closed()
         return closing
 
-    def close_when_idle(self) -> None:
+    def close_when_idle(self, keep: frozenset[bytes] = frozenset()) -> None:
         """
         Stop the sessions still checking, and close the socket once the
         last QUIC path on it has ended (at once when there is none).
+
+        :param keep: Introductions (session ids) whose sessions go on: a
+            child port's session looking for the direct pair a relayed
+            connection of this port moves to.
         """
         self._close_when_idle = True
         for session in list(self._sessions.values()):
-            if not session.finished:  # the upgrading ones go on with their path
+            # The upgrading ones go on with their path.
+            if not session.finished and session.secrets.session not in keep:
                 session.finish(Failure(ConnectionAborted("the punching port is closing")))
+        upgrading = frozenset(
+            session.secrets.session
+            for session in self._sessions.values()
+            if session.upgrading is not None and not session.ended
+        )
         for child in list(self._children):
-            child.close_when_idle()
+            child.close_when_idle(keep=upgrading)
         self._maybe_close()
 
     def _maybe_close(self) -> None:

@@ -506,8 +506,12 @@ class PunchSession:
             self._drop_paths(keep=result)
             self.finish(result)
             return
-        if self.path is path:
-            self.path = None
+        if self.path is not path:
+            # Aborted on purpose: it gave way to the relayed connection
+            # (_take_over, _follow) or to a winner (_drop_paths), which
+            # cleared self.path first; its end is no failure of the session.
+            return
+        self.path = None
         if self.controlling or self.checks_failure is not None or self.agent.stopped:
             self._direct_failure = result
             self._maybe_fail()

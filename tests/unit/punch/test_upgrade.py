@@ -4,9 +4,8 @@ UDP relay that forwards between two latched sockets), and the move of that
 connection to a direct pair validated later, on the simulated network.
 
 The relay here is a stand-in with the rendezvous relay's forwarding rule
-(latch on a STUN Binding request, then forward everything else to the
-other latched socket); the real one is tested in tests/unit/rendezvous and
-tests/integration.
+(:class:`~tests.unit.punch.sim_peers.FakeRelay`); the real one is tested in
+tests/unit/rendezvous and tests/integration.
 """
 
 from __future__ import annotations
@@ -16,86 +15,30 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed
-from nattraverse.punch.birthday import BirthdayPlan, BirthdayRole
 from nattraverse.punch.relayleg import RelayLeg
 from nattraverse.quic import QuicPath, QuicStreamTransport
 from nattraverse.secure import PathSecrets
-from nattraverse.stun.attributes import XorMappedAddress
-from nattraverse.stun.constants import MessageClass, Method
-from nattraverse.stun.message import decode, encode, is_stun
 from nattraverse.testing import Link, Network
 from tests.unit.punch.sim_peers import (
+    RELAY,
+    Exchange,
     NatPeer,
     QuicBlackout,
+    birthday_plan,
     close_peers,
+    make_network,
     nat_peer,
-    stun_network,
+    opener,
 )
 
 SECRET = b"u" * 32
 SESSION = b"v" * 16
-RELAY = Endpoint("192.0.2.1", 40000)
 MEGABYTE = 1024 * 1024
-
-
-class FakeRelay(DatagramProtocol):
-    """Latches the first two sources of a Binding request; forwards the rest between them."""
-
-    def __init__(self) -> None:
-        self.latched: list[tuple[str, int]] = []
-        self.forwarded = 0
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        source = (addr[0], addr[1])
-        if is_stun(data):
-            request = decode(data)
-            if request.method == Method.BINDING and request.message_class is MessageClass.REQUEST:
-                if source not in self.latched:
-                    self.latched.append(source)
-                answer = encode(
-                    Method.BINDING,
-                    MessageClass.SUCCESS,
-                    request.transaction_id,
-                    [XorMappedAddress(Endpoint(*source))],
-                )
-                self.transport.write(answer, source)  # type: ignore[union-attr]
-                return
-        if source in self.latched and len(self.latched) == 2:
-            other = self.latched[1 - self.latched.index(source)]
-            self.forwarded += 1
-            self.transport.write(data, other)  # type: ignore[union-attr]
-
-
-def make_network(seed: str) -> tuple[Network, FakeRelay]:
-    network = stun_network(seed)
-    relay = FakeRelay()
-    network.hosts["stun"].reactor.listenUDP(RELAY.port, relay, interface=RELAY.host)
-    return network, relay
-
-
-def opener(of: NatPeer, opened: list[str]) -> Any:
-    """Latch *of*'s punching socket to the relay (what the rendezvous' client does)."""
-
-    def open_leg() -> Deferred[Endpoint]:
-        opened.append(of.host.name)
-        latched: Deferred[Endpoint] = of.port.demux.client.binding(RELAY).addCallback(
-            lambda _: RELAY
-        )
-        return latched
-
-    return open_leg
-
-
-def birthday_plan(of: NatPeer, other: NatPeer) -> BirthdayPlan | None:
-    if {of.nat, other.nat} != {"symmetric", "port-restricted"}:
-        return None
-    role = BirthdayRole.HARD if of.nat == "symmetric" else BirthdayRole.EASY
-    return BirthdayPlan(role, other.candidates[-1].address)
 
 
 class Sender(Protocol):
@@ -306,44 +249,6 @@ def test_closing_the_relayed_connection_stops_the_checks() -> None:
     network.run(5)
     assert caller.port.sessions == 0
     close_peers(network, caller, callee)
-
-
-class Exchange(Protocol):
-    """Writes *total* bytes in chunks, one every 50 ms; keeps what arrives."""
-
-    def __init__(self, clock: Any, total: int, seed: int, chunk: int = 16 * 1024) -> None:
-        self.clock = clock
-        self.left = total
-        self.seed = seed
-        self.chunk = chunk
-        self.gap = 0.05
-        self.made = 0
-        self.sent = bytearray()
-        #: When each chunk was written.
-        self.written_at: list[float] = []
-        self.data = bytearray()
-        self.lost: Failure | None = None
-
-    def connectionMade(self) -> None:
-        self.made += 1
-        self._next()
-
-    def _next(self) -> None:
-        if self.left <= 0 or self.lost is not None:
-            return
-        size = min(self.chunk, self.left)
-        data = bytes((self.seed + len(self.sent) + i) % 251 for i in range(size))
-        self.sent += data
-        self.left -= size
-        self.written_at.append(self.clock.seconds())
-        self.transport.write(data)  # type: ignore[union-attr]
-        self.clock.callLater(self.gap, self._next)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        self.lost = reason
 
 
 @pytest.mark.parametrize("select", ["at-once", "later"])
