@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,9 @@ RELAY_METHODS = {"relay"}
 DEFAULT_RUNS = 3
 DEFAULT_DELAY_MS = 10.0
 #: Seconds each caller keeps its connection: time to move off the UDP relay.
-DEFAULT_HOLD = 4.0
+#: Birthday probing's whole budget (1500 probes at 200 a second, from 0.5 s
+#: after the checks start) ends some 8 s after the introduction.
+DEFAULT_HOLD = 8.0
 
 
 def _winner(report: dict[str, Any]) -> str:
@@ -82,6 +85,11 @@ def _winner(report: dict[str, Any]) -> str:
     if method == "relay" or not report.get("relayed"):
         return method
     return f"{method} (moved)" if report.get("move") else f"{method}+relay"
+
+
+def _is_direct(winner: str) -> bool:
+    """Whether a run's winner (see :attr:`PairOutcome.winners`) ended on a direct path."""
+    return winner != "-" and winner not in RELAY_METHODS and not winner.endswith("+relay")
 
 
 @dataclass(frozen=True)
@@ -139,14 +147,21 @@ class PairOutcome:
 
     @property
     def method(self) -> str:
-        """The winner of most runs (``-`` when none won)."""
-        return statistics.mode(self.winners) if self.winners else "-"
+        """
+        The winner of most runs (``-`` when none won); of a tie, a relayed
+        one first, so that a pair counts as direct only when most runs were.
+        """
+        if not self.winners:
+            return "-"
+        counts = Counter(self.winners)
+        most = max(counts.values())
+        tied = [winner for winner, count in counts.items() if count == most]
+        return max(tied, key=lambda winner: not _is_direct(winner))
 
     @property
     def direct(self) -> bool:
         """Whether the pair connected, mostly, without a relay."""
-        method = self.method
-        return method != "-" and method not in RELAY_METHODS and not method.endswith("+relay")
+        return _is_direct(self.method)
 
     @property
     def ratio(self) -> float | None:
