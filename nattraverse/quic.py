@@ -421,7 +421,7 @@ class QuicPath:
         that come from the same address (a direct handshake the relayed
         connection replaced, whose peer did not hear it was dropped).
         """
-        if self._connection is None:
+        if self._connection is None or is_initial(datagram):
             return True
         if not datagram[0] & 0x80:
             return self._connection.owns_destination(datagram)
@@ -431,8 +431,6 @@ class QuicPath:
             )
         except (ValueError, BufferReadError):
             return False
-        if header.packet_type == QuicPacketType.INITIAL:
-            return True
         return self._connection.owns_cid(header.destination_cid)
 
     def _new_connection(self, original_destination: bytes | None = None) -> _PinnedConnection:

@@ -255,13 +255,18 @@ class PunchSession:
             session=self._label,
             remote=str(remote),
         )
+        self._drop_direct()
+        self.port.carry(path, remote)
+        return path
+
+    def _drop_direct(self) -> QuicPath | None:
+        """Abort the direct handshake under way, if any (it gave way); return it."""
         direct, self.path = self.path, None
         if direct is not None:
             direct.authenticated.addErrback(_ignore)
             direct.abort()
             self.port.unroute(direct)
-        self.port.carry(path, remote)
-        return path
+        return direct
 
     def _relay_path_done(self, result: QuicPath | Failure, path: QuicPath) -> None:
         if self.relay_path is path:
@@ -310,15 +315,9 @@ class PunchSession:
         if self.ended:
             return
         self.upgrading = path
-        direct, self.path = self.path, None
-        if direct is None:
-            return
-        remote = Endpoint(direct.remote[0], direct.remote[1])
-        direct.authenticated.addErrback(_ignore)
-        direct.abort()
-        self.port.unroute(direct)
-        if self.controlling:
-            self._carry(remote)
+        direct = self._drop_direct()
+        if direct is not None and self.controlling:
+            self._carry(Endpoint(direct.remote[0], direct.remote[1]))
 
     def _child_sessions(self) -> list[PunchSession]:
         if self.child is None:
@@ -447,8 +446,8 @@ class PunchSession:
             child.close_when_idle()
             self._child_won = True
             self.finish(result)
-            # Only now: a path aborted before the session finished would
-            # report its failure, and fail the session the child just won.
+            # Only now: a relayed path aborted before the session finished
+            # would report its failure, which could end the session first.
             self._drop_paths()
             return None
         _log.info(

@@ -22,7 +22,9 @@ from nattraverse.identity import Identity
 from nattraverse.punch.birthday import BirthdayConfig, BirthdayPlan, BirthdayRole
 from nattraverse.punch.candidates import Candidate, gather
 from nattraverse.punch.port import PunchingPort
-from nattraverse.quic import is_quic
+from nattraverse.punch.relayleg import RelayLeg
+from nattraverse.quic import QuicPath, is_quic
+from nattraverse.secure import PathSecrets
 from nattraverse.stun.attributes import XorMappedAddress
 from nattraverse.stun.constants import MessageClass, Method
 from nattraverse.stun.message import decode, encode, is_stun
@@ -176,6 +178,50 @@ def opener(of: NatPeer, opened: list[str]) -> Any:
         return latched
 
     return open_leg
+
+
+def punch_with_relay(
+    caller: NatPeer,
+    callee: NatPeer,
+    *,
+    session: bytes,
+    secret: bytes,
+    delay: float,
+    timeout: float,
+    opened: list[str],
+    caller_opener: Any = None,
+) -> tuple[Deferred[QuicPath], Deferred[QuicPath]]:
+    """
+    One introduction punched by both sides (birthday probing where the NATs
+    call for it), the caller with a relayed leg through :data:`RELAY` after
+    *delay*: its opener (by default :func:`opener`) answers the caller and
+    offers the relay to the callee, as the rendezvous does; each latch is
+    recorded in *opened*.  Returns the caller's and the callee's results.
+    """
+    answered = callee.port.answer(
+        PathSecrets(session, secret, caller.identity.peer_id, "udp"),
+        local=callee.candidates,
+        remote=caller.candidates,
+        timeout=timeout,
+        birthday=birthday_plan(callee, caller),
+    )
+    callee_opener = opener(callee, opened)
+    to_relay = caller_opener or opener(caller, opened)
+
+    def open_both() -> Deferred[Endpoint]:
+        result: Deferred[Endpoint] = to_relay()
+        callee.port.relay_offered(session, callee_opener)
+        return result
+
+    called = caller.port.call(
+        PathSecrets(session, secret, callee.identity.peer_id, "udp"),
+        local=caller.candidates,
+        remote=callee.candidates,
+        timeout=timeout,
+        birthday=birthday_plan(caller, callee),
+        relay=RelayLeg(delay, open_both),
+    )
+    return called, answered
 
 
 def birthday_plan(of: NatPeer, other: NatPeer) -> BirthdayPlan | None:

@@ -21,10 +21,8 @@ from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.punch.port import PunchingPort
-from nattraverse.punch.relayleg import RelayLeg
 from nattraverse.punch.session import PunchSession
 from nattraverse.quic import QuicPath, QuicStreamTransport
-from nattraverse.secure import PathSecrets
 from nattraverse.testing import Network
 from tests.unit.punch.sim_peers import (
     RELAY,
@@ -32,11 +30,11 @@ from tests.unit.punch.sim_peers import (
     FakeRelay,
     NatPeer,
     QuicBlackout,
-    birthday_plan,
     close_peers,
     make_network,
     nat_peer,
     opener,
+    punch_with_relay,
 )
 
 SECRET = b"w" * 32
@@ -124,29 +122,16 @@ def race(name: str, stage: str, *, close_when_idle: bool) -> Race:
             return False
         return stage == "checking" or session.path is not None
 
-    answered = callee.port.answer(
-        PathSecrets(SESSION, SECRET, caller.identity.peer_id, "udp"),
-        local=callee.candidates,
-        remote=caller.candidates,
-        timeout=30,
-        birthday=birthday_plan(callee, caller),
-    )
     opened: list[str] = []
-    callee_opener = opener(callee, opened)
-    caller_opener = opener_when(ready, caller, opened)
-
-    def open_both() -> Deferred[Endpoint]:
-        result: Deferred[Endpoint] = caller_opener()
-        callee.port.relay_offered(SESSION, callee_opener)
-        return result
-
-    called = caller.port.call(
-        PathSecrets(SESSION, SECRET, callee.identity.peer_id, "udp"),
-        local=caller.candidates,
-        remote=callee.candidates,
+    called, answered = punch_with_relay(
+        caller,
+        callee,
+        session=SESSION,
+        secret=SECRET,
+        delay=0.0,
         timeout=30,
-        birthday=birthday_plan(caller, callee),
-        relay=RelayLeg(0.0, open_both),
+        opened=opened,
+        caller_opener=opener_when(ready, caller, opened),
     )
 
     def connected(path: QuicPath) -> QuicPath:

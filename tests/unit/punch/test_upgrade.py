@@ -20,20 +20,17 @@ from twisted.python.failure import Failure
 
 from nattraverse._types import Endpoint
 from nattraverse.errors import PunchChecksFailed
-from nattraverse.punch.relayleg import RelayLeg
 from nattraverse.quic import QuicPath, QuicStreamTransport
-from nattraverse.secure import PathSecrets
 from nattraverse.testing import Link, Network
 from tests.unit.punch.sim_peers import (
     RELAY,
     Exchange,
     NatPeer,
     QuicBlackout,
-    birthday_plan,
     close_peers,
     make_network,
     nat_peer,
-    opener,
+    punch_with_relay,
 )
 
 SECRET = b"u" * 32
@@ -102,30 +99,16 @@ def punch(
 ) -> Outcome:
     """Both sides punch with a relayed leg; the caller sends *send* bytes once connected."""
     start = network.clock.seconds()
-    answered = callee.port.answer(
-        PathSecrets(SESSION, SECRET, caller.identity.peer_id, "udp"),
-        local=callee.candidates,
-        remote=caller.candidates,
-        timeout=timeout,
-        birthday=birthday_plan(callee, caller),
-    )
     opened: list[str] = []
-    callee_opener = opener(callee, opened)
-    to_relay = caller_opener or opener(caller, opened)
-
-    def open_both() -> Deferred[Endpoint]:
-        # What the rendezvous does: answer the caller, offer the callee.
-        result: Deferred[Endpoint] = to_relay()
-        callee.port.relay_offered(SESSION, callee_opener)
-        return result
-
-    called = caller.port.call(
-        PathSecrets(SESSION, SECRET, callee.identity.peer_id, "udp"),
-        local=caller.candidates,
-        remote=callee.candidates,
+    called, answered = punch_with_relay(
+        caller,
+        callee,
+        session=SESSION,
+        secret=SECRET,
+        delay=delay,
         timeout=timeout,
-        birthday=birthday_plan(caller, callee),
-        relay=RelayLeg(delay, open_both),
+        opened=opened,
+        caller_opener=caller_opener,
     )
     results: dict[str, Any] = {}
     called.addBoth(lambda r: results.setdefault("caller", (r, network.clock.seconds())))
@@ -277,26 +260,9 @@ def test_direct_handshake_under_way_gives_way_to_the_relayed_connection(
     total = 256 * 1024
     mine = Exchange(caller.host.reactor, total, seed=0)
     theirs = Exchange(callee.host.reactor, total, seed=100)
-    answered = callee.port.answer(
-        PathSecrets(SESSION, SECRET, caller.identity.peer_id, "udp"),
-        local=callee.candidates,
-        remote=caller.candidates,
-        timeout=30,
-    )
     opened: list[str] = []
-    callee_opener = opener(callee, opened)
-
-    def open_both() -> Deferred[Endpoint]:
-        result: Deferred[Endpoint] = opener(caller, opened)()
-        callee.port.relay_offered(SESSION, callee_opener)
-        return result
-
-    called = caller.port.call(
-        PathSecrets(SESSION, SECRET, callee.identity.peer_id, "udp"),
-        local=caller.candidates,
-        remote=callee.candidates,
-        timeout=30,
-        relay=RelayLeg(0.2, open_both),
+    called, answered = punch_with_relay(
+        caller, callee, session=SESSION, secret=SECRET, delay=0.2, timeout=30, opened=opened
     )
     at_auth: dict[str, Any] = {}
     moves: list[tuple[float, int, tuple[str, int], tuple[str, int]]] = []
